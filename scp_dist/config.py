@@ -1,0 +1,246 @@
+"""One config schema with defaults, YAML files on top, `key=value` overrides on top of that.
+
+Everything is validated at start; an error names the offending key so a typo on a 64-GPU
+allocation costs seconds, not a queue slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str = "data/digits"  # dataset directory holding one sub-directory per split
+    train_split: str = "train"
+    test_split: str = "test"  # "" = no test split
+    loader: str = "auto"  # auto | dali | torch  (auto: DALI when importable)
+    num_workers: int = 2  # reader/decoder workers per rank
+    shuffle_buffer: int = 2048
+    on_error: str = "skip"  # skip | raise: what a corrupt or missing sample does
+    prepare: str = ""  # a built-in source to write into `root` when it is missing (the demo uses "digits")
+
+
+@dataclass
+class AugmentConfig:
+    crop_p: float = 0.5  # paper: RandomCrop with p=0.5
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # side fraction of the crop
+    blur_p: float = 0.5  # paper: GaussianBlur with p=0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # in output pixels
+    blur_kernel_frac: float = 0.1  # kernel = odd size >= 3 closest to frac * image size
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "pixels"  # pixels | open_clip | timm | mix
+    model: str = ""  # open_clip: ViT-B-32 / ViT-L-14; timm: vit_base_patch8_224.dino, tf_efficientnet_lite0
+    # open_clip: a pretrained tag (openai, laion2b_s34b_b79k); timm: "hub" fetches the named tag.
+    # "" = random init (shape tests only).
+    pretrained: str = ""
+    checkpoint: str = ""  # local weights file; overrides `pretrained`
+    checkpoint_format: str = "auto"  # auto | timm | open_clip | lukemelas_efficientnet
+    image_size: int = 0  # 0 = the model's default input size
+    compile: bool = False  # torch.compile the frozen forward
+    channels_last: bool = True
+    mix: list[Any] = field(default_factory=list)  # for name=mix: a list of backbone configs
+
+
+@dataclass
+class HeadConfig:
+    num_clusters: int = 10  # K
+    hidden: list[int] = field(default_factory=lambda: [1024, 786, 512, 1024])  # paper's widths
+    activation: str = "relu"  # relu | gelu ; the paper does not say, ReLU is our choice
+    num_heads: int = 1  # H heads trained at once (different seeds), chosen without labels
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 1.0  # weight of the batch entropy H(Y)
+    # The paper writes L_e as a sum over the batch; "mean" divides it by the global batch size.
+    ce_reduction: str = "sum"
+    eps: float = 1e-8
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    global_batch: int = 512
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    resume: bool = False
+    max_steps: int = 0  # >0 stops early (debugging)
+    log_every: int = 10
+    eval_batch: int = 1024
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    timeout_s: int = 600
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    run_name: str = ""  # "" = data.name
+    save_assignments: bool = True
+
+
+@dataclass
+class SCPConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _key_of(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or getattr(e, "key", None)
+    return str(key) if key else "?"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    for cand in (PACKAGE_CONFIG_DIR / p, PACKAGE_CONFIG_DIR / f"{p}.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file {path} not found (also looked in {PACKAGE_CONFIG_DIR})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Schema defaults <- YAML file <- `key=value` overrides; validated; read-only struct config."""
+    schema = OmegaConf.structured(SCPConfig)
+    layers: list[Any] = [schema]
+    try:
+        if path is not None:
+            layers.append(OmegaConf.load(resolve_config_path(path)))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o or o.startswith(("+", "~"))]
+            if bad:
+                raise ConfigError(f"overrides must be key=value, got {bad}")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(*layers)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"config key '{_key_of(e)}': {msg}") from e
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Values that type-check but cannot run. World-size checks happen in check_world_size."""
+    _check(cfg.head.num_clusters >= 2, "head.num_clusters", f"K must be >= 2, got {cfg.head.num_clusters}")
+    _check(len(cfg.head.hidden) >= 1 and all(h > 0 for h in cfg.head.hidden), "head.hidden", "widths must be > 0")
+    _check(cfg.head.activation in ("relu", "gelu"), "head.activation", "must be relu or gelu")
+    _check(cfg.head.num_heads >= 1, "head.num_heads", "must be >= 1")
+    _check(cfg.loss.alpha >= 0, "loss.alpha", f"must be >= 0, got {cfg.loss.alpha}")
+    _check(cfg.loss.ce_reduction in ("sum", "mean"), "loss.ce_reduction", "must be sum or mean")
+    _check(0 < cfg.loss.eps < 1e-2, "loss.eps", "must be in (0, 1e-2)")
+    _check(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "two values in [0, 1)")
+    _check(cfg.optim.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine or constant")
+    _check(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "must be in [0, optim.lr]")
+    _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(cfg.train.epochs >= 1, "train.epochs", f"must be >= 1, got {cfg.train.epochs}")
+    _check(cfg.train.global_batch >= 2, "train.global_batch", f"must be >= 2, got {cfg.train.global_batch}")
+    _check(cfg.train.eval_batch >= 1, "train.eval_batch", "must be >= 1")
+    _check(cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0")
+    _check(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    _check(cfg.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto|fp32|bf16|fp16")
+    _check(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "auto|cpu|cuda")
+    _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "auto|nccl|gloo")
+    _check(cfg.data.loader in ("auto", "dali", "torch"), "data.loader", "auto|dali|torch")
+    _check(cfg.data.on_error in ("skip", "raise"), "data.on_error", "skip|raise")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _check(bool(cfg.data.root), "data.root", "must name the dataset directory")
+    for p in ("crop_p", "blur_p"):
+        v = cfg.augment[p]
+        _check(0.0 <= v <= 1.0, f"augment.{p}", f"probability must be in [0, 1], got {v}")
+    lo, hi = _pair(cfg.augment.crop_scale, "augment.crop_scale")
+    _check(0 < lo <= hi <= 1, "augment.crop_scale", "need 0 < min <= max <= 1")
+    lo, hi = _pair(cfg.augment.blur_sigma, "augment.blur_sigma")
+    _check(0 < lo <= hi, "augment.blur_sigma", "need 0 < min <= max")
+    _check(0 < cfg.augment.blur_kernel_frac <= 1, "augment.blur_kernel_frac", "must be in (0, 1]")
+    _check(
+        cfg.backbone.name in ("pixels", "open_clip", "timm", "mix"),
+        "backbone.name",
+        f"unknown backbone {cfg.backbone.name!r} (pixels | open_clip | timm | mix)",
+    )
+    _check(cfg.backbone.image_size >= 0, "backbone.image_size", "must be >= 0")
+    if cfg.backbone.name == "mix":
+        _check(len(cfg.backbone.mix) >= 2, "backbone.mix", "mix needs a list of at least two backbone configs")
+    if cfg.backbone.name in ("open_clip", "timm"):
+        _check(bool(cfg.backbone.model), "backbone.model", f"{cfg.backbone.name} needs a model name")
+
+
+def _pair(v: Any, key: str) -> tuple[float, float]:
+    _check(len(v) == 2, key, f"expected [min, max], got {list(v)}")
+    return float(v[0]), float(v[1])
+
+
+def check_world_size(cfg: DictConfig, world_size: int) -> None:
+    _check(
+        cfg.train.global_batch >= world_size,
+        "train.global_batch",
+        f"global batch {cfg.train.global_batch} is smaller than the world size {world_size}",
+    )
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.output.dir) / (cfg.output.run_name or cfg.data.name)
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    from scp_dist.shards.manifest import atomic_write_text
+
+    atomic_write_text(path, OmegaConf.to_yaml(cfg))
+
+
+def config_fingerprint(cfg: DictConfig) -> dict:
+    """What a checkpoint must agree with to be resumed: anything that changes parameter shapes or the data."""
+    return {
+        "backbone": OmegaConf.to_container(cfg.backbone),
+        "head": OmegaConf.to_container(cfg.head),
+        "data.root": cfg.data.root,
+        "train.global_batch": cfg.train.global_batch,
+        "train.epochs": cfg.train.epochs,
+    }

@@ -1,0 +1,149 @@
+"""The one place that knows about distributed state: rank, world size, device, init and teardown.
+
+Works the same under torchrun (RANK/WORLD_SIZE/LOCAL_RANK), under SLURM's srun (SLURM_PROCID/...)
+and as a plain single process, where every collective below is the identity.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistState:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str) -> int | None:
+    for n in names:
+        if n in os.environ:
+            return int(os.environ[n])
+    return None
+
+
+def _slurm_to_torch_env() -> None:
+    """srun starts one task per GPU without torchrun: translate SLURM's variables to torch's."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError("under srun, export MASTER_ADDR (the first node's hostname); see slurm/scp.sbatch")
+
+
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 600) -> DistState:
+    _slurm_to_torch_env()
+    world = _env_int("WORLD_SIZE") or 1
+    rank = _env_int("RANK") or 0
+    local_rank = _env_int("LOCAL_RANK") or 0
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    if world == 1:
+        return DistState(device=dev)
+    be = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+    dist.init_process_group(
+        backend=be,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=dev if be == "nccl" else None,
+    )
+    return DistState(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=be)
+
+
+def teardown(*objects_to_drop: object) -> None:
+    """Destroy the process group after releasing DDP state.
+
+    With gloo on CPU, destroying the group while a DDP reducer is still alive crashed ~10% of exits
+    with `terminate called without an active exception` (shared/ENVIRONMENT.md). The caller passes
+    nothing it still holds a reference to; we collect garbage so reducers die first.
+    """
+    del objects_to_drop
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# --- collectives. Identity in a single process. -------------------------------------------------
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks. Backward all-reduces the gradient too, so each rank receives
+    the sum over ranks of d(loss_r)/d(t_global); see scp_dist.loss for how that is rescaled."""
+    if world_size() == 1:
+        return t
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def all_gather_stack(t: torch.Tensor) -> torch.Tensor:
+    """Differentiable gather of same-shaped tensors from all ranks, stacked on a new dim 0."""
+    if world_size() == 1:
+        return t.unsqueeze(0)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.stack(all_gather(t), dim=0)
+
+
+def sum_detached(t: torch.Tensor | float | int, device: torch.device | None = None) -> torch.Tensor:
+    """Non-differentiable sum over ranks (counts, logging)."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(t, dtype=torch.float64, device=device)
+    t = t.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def gather_objects(obj: object) -> list[object]:
+    """All ranks' picklable objects, in rank order (used once per evaluation, not per step)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
