@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install what is missing into .venv (idempotent: a stamp of pyproject.toml skips a second install).
+#   EXTRAS=cpu,dev,weights (default)   CPU hosts, CI
+#   EXTRAS=gpu,dev                      GPU hosts (faiss-gpu instead of faiss-cpu; never both)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${EXTRAS:-cpu,dev,weights}"
+PY="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.scp_dist-installed"
+want="$(sha256sum pyproject.toml | cut -c1-16)-$EXTRAS"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing scp_dist[$EXTRAS] (first time: a few minutes, ~6 GB with torch)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,44 @@
+"""Run-time reporting: rank-0 logging, JSONL metrics, progress bars. Every rank computes; rank 0 talks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger("scp_dist")
+
+
+def setup_logging(is_main: bool) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True)
+
+
+class JsonlLog:
+    """Append-only metrics file; one JSON object per line, flushed so a killed job loses nothing."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._f = open(path, "a") if path is not None else None  # noqa: SIM115 - lives for the run
+
+    def write(self, **record: Any) -> None:
+        if self._f is None:
+            return
+        record.setdefault("time", round(time.time(), 3))
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def progress(iterable: Any, enabled: bool, **kw: Any) -> Any:
+    # Off a terminal (CI, SLURM logs) a bar that redraws every 0.1 s floods the log; update rarely.
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, disable=not enabled, mininterval=0.2 if interactive else 10.0, dynamic_ncols=True, **kw)

@@ -1,0 +1,250 @@
+"""SCP training job: shards -> two views -> frozen backbone -> head -> global-batch loss -> step -> metrics.
+
+    python -m scp_dist.train --config configs/cifar10.yaml [key=value ...]          # one process
+    torchrun --nproc_per_node 8 -m scp_dist.train --config configs/cifar10.yaml     # DDP
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from scp_dist import distributed as D
+from scp_dist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from scp_dist.config import check_world_size, config_fingerprint, load_config, run_dir, save_config
+from scp_dist.data.loader import build_eval_loader, build_train_loader
+from scp_dist.evaluate import autocast_context, format_scores, predict, write_assignments, write_json
+from scp_dist.loss import scp_loss
+from scp_dist.models.backbones import Backbone, build_backbone
+from scp_dist.models.head import SCPHead
+from scp_dist.runlog import JsonlLog, log, progress, setup_logging
+from scp_dist.schedule import lr_at
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (path, or a name under configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 head.num_clusters=20")
+    return p.parse_args(argv)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision != "fp32" and device.type != "cuda":
+        log.warning("train.precision=%s needs a GPU; using fp32 on CPU", precision)
+        return "fp32"
+    return precision
+
+
+def prepare_data(cfg: DictConfig, st: D.DistState) -> None:
+    """Write a built-in dataset's shards on first use (rank 0 writes, the others wait)."""
+    if not cfg.data.prepare:
+        return
+    if st.is_main:
+        from scp_dist.shards import sources
+
+        root = Path(cfg.data.root)
+        if cfg.data.prepare == "digits":
+            sources.prepare_digits(root)
+        else:
+            raise ValueError(f"config key 'data.prepare': unknown built-in source {cfg.data.prepare!r} (digits)")
+    D.barrier()
+
+
+def build_models(cfg: DictConfig, st: D.DistState) -> tuple[Backbone, SCPHead]:
+    backbone = build_backbone(cfg.backbone).to(st.device)
+    head = SCPHead(
+        backbone.feature_dim,
+        list(cfg.head.hidden),
+        cfg.head.num_clusters,
+        num_heads=cfg.head.num_heads,
+        activation=cfg.head.activation,
+        seed=cfg.train.seed,
+    ).to(st.device)
+    return backbone, head
+
+
+def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict:
+    check_world_size(cfg, st.world_size)
+    out_dir = run_dir(cfg)
+    if st.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    precision = resolve_precision(cfg.train.precision, st.device)
+    prepare_data(cfg, st)
+
+    backbone, head = build_models(cfg, st)
+    log.info(
+        "backbone %s: %d-d features at %dpx; head %s; world size %d on %s (%s)",
+        backbone.name, backbone.feature_dim, backbone.image_size, head.extra_repr(), st.world_size, st.device, precision,
+    )
+    model: torch.nn.Module = DDP(head, device_ids=[st.device.index] if st.device.type == "cuda" else None) if st.distributed else head
+    opt = torch.optim.Adam(
+        head.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    data_root = Path(cfg.data.root)
+    loader = build_train_loader(
+        data_root / cfg.data.train_split, cfg.data, cfg.augment,
+        world_size=st.world_size, rank=st.rank, global_batch=cfg.train.global_batch,
+        image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, seed=cfg.train.seed, device=st.device,
+    )
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * cfg.train.epochs  # the schedule's length; max_steps only stops early
+    stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
+    log.info("%d samples, %d steps/epoch, %d steps in all", loader.manifest.num_samples, steps_per_epoch, stop_at)
+
+    fingerprint = config_fingerprint(cfg)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    start_epoch, step = 0, 0
+    if cfg.train.resume:
+        state = load_checkpoint(ckpt_path, fingerprint)
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"], state["step"]
+        log.info("resumed from %s at epoch %d, step %d", ckpt_path, start_epoch, step)
+
+    jsonl = JsonlLog(out_dir / "metrics.jsonl" if st.is_main else None)
+    head_losses = torch.zeros(cfg.head.num_heads)
+    alpha = cfg.loss.alpha
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if step >= stop_at:
+            break
+        loader.set_epoch(epoch)
+        model.train()
+        epoch_loss_sum = torch.zeros(cfg.head.num_heads)
+        epoch_steps = 0
+        t_last, seen_since = time.perf_counter(), 0
+        bar = progress(loader, st.is_main, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", total=steps_per_epoch)
+        for batch in bar:
+            if step >= stop_at:
+                break  # every rank sees the same stop_at, so all stop together
+            lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            n = len(batch.keys)
+            views = torch.cat(batch.views).to(st.device, non_blocking=True)  # [a; b], one backbone call
+            with autocast_context(st.device, precision):
+                with torch.no_grad():
+                    feats = backbone(views)
+                logits = model(feats)
+            out = scp_loss(logits[:, :n], logits[:, n:], alpha=alpha, ce_reduction=cfg.loss.ce_reduction, eps=cfg.loss.eps)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(out.loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                out.loss.backward()
+                opt.step()
+            step += 1
+            epoch_steps += 1
+            epoch_loss_sum += out.total.float().cpu()
+            seen_since += out.batch_size
+            if not math.isfinite(float(out.total.sum())):
+                raise FloatingPointError(f"non-finite loss at step {step}: {out.as_dict()}")
+            if step % cfg.train.log_every == 0 or step == stop_at:
+                now = time.perf_counter()
+                ips = seen_since / max(now - t_last, 1e-9)
+                t_last, seen_since = now, 0
+                terms = out.as_dict()
+                jsonl.write(kind="step", step=step, epoch=epoch, lr=lr, img_per_s=round(ips, 1), **terms)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{terms['loss']:.3f}", H=f"{terms['entropy']:.3f}", ips=f"{ips:.0f}")
+        head_losses = epoch_loss_sum / max(epoch_steps, 1)
+        skipped = _global_skip_counts(loader, st)
+        if any(skipped.values()):
+            log.warning("epoch %d: skipped samples %s", epoch + 1, skipped)
+        # An epoch cut short by max_steps is not counted: resuming re-runs it from its first step.
+        completed = epoch + 1 if epoch_steps == steps_per_epoch else epoch
+        if st.is_main:
+            save_checkpoint(ckpt_path, {
+                "head": head.state_dict(), "optimizer": opt.state_dict(),
+                "epoch": completed, "step": completed * steps_per_epoch, "fingerprint": fingerprint,
+                "head_losses": head_losses.tolist(),
+            })
+        jsonl.write(kind="epoch", epoch=epoch, step=step, loss=head_losses.tolist(), skipped=skipped)
+        log.info("epoch %d: mean loss %s", epoch + 1, ", ".join(f"{v:.4f}" for v in head_losses.tolist()))
+    D.barrier()
+
+    results = evaluate_splits(cfg, st, backbone, head, precision, out_dir, head_losses, want_features)
+    jsonl.write(kind="eval", **{k: v for k, v in results.items() if k != "predictions"})
+    jsonl.close()
+    del model, opt
+    return results
+
+
+def choose_head(head_losses: torch.Tensor) -> int:
+    """Label-free choice among heads: the lowest final training loss."""
+    return int(torch.argmin(head_losses))
+
+
+def evaluate_splits(cfg: DictConfig, st: D.DistState, backbone: Backbone, head: SCPHead, precision: str,
+                    out_dir: Path, head_losses: torch.Tensor, want_features: bool = False) -> dict:
+    chosen = choose_head(head_losses)
+    results: dict = {"chosen_head": chosen, "head_losses": head_losses.tolist(), "splits": {}, "predictions": {}}
+    splits = [cfg.data.train_split] + ([cfg.data.test_split] if cfg.data.test_split else [])
+    for split in splits:
+        loader = build_eval_loader(
+            Path(cfg.data.root) / split, cfg.data, world_size=st.world_size, rank=st.rank,
+            batch_size=cfg.train.eval_batch, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std,
+            device=st.device,
+        )
+        pred = predict(loader, backbone, head, st, precision, want_features=want_features,
+                       progress=lambda it, s=split: progress(it, st.is_main, desc=f"eval {s}"))
+        if pred is None:
+            continue
+        per_head = [pred.scores(h) for h in range(head.num_heads)]
+        entry = {"scores": per_head[chosen], "num_samples": len(pred.keys)}
+        if head.num_heads > 1 and per_head[0].get("n"):
+            accs = np.array([s["acc"] for s in per_head])
+            entry["all_heads"] = per_head
+            entry["acc_over_heads"] = {"mean": float(accs.mean()), "std": float(accs.std()),
+                                       "min": float(accs.min()), "max": float(accs.max())}
+        results["splits"][split] = entry
+        results["predictions"][split] = pred
+        if cfg.output.save_assignments:
+            write_assignments(out_dir / f"assignments_{split}.csv", pred, chosen)
+        print(format_scores(f"[{cfg.data.name}/{split}]", per_head[chosen]), flush=True)
+    if st.is_main:
+        write_json(out_dir / "eval.json", {k: v for k, v in results.items() if k != "predictions"})
+    D.barrier()
+    return results
+
+
+def _global_skip_counts(loader, st: D.DistState) -> dict[str, int]:
+    stats = getattr(loader, "stats", None)
+    if stats is None:
+        return {}
+    names = sorted(stats.as_dict())
+    local = torch.tensor([stats.as_dict()[k] for k in names], dtype=torch.float64)
+    total = D.sum_detached(local.to(st.device) if st.backend == "nccl" else local)
+    return {k: int(v) for k, v in zip(names, total.tolist(), strict=True)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    st = D.init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
+    setup_logging(st.is_main)
+    try:
+        train(cfg, st)
+    finally:
+        D.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The training job end to end, as a user runs it: one process, and torchrun with 2 CPU processes
+(train a few steps, checkpoint, resume, evaluate). Data: the embedded digits, written to shards."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scp_dist.checkpoint import CheckpointError
+from scp_dist.config import load_config
+from scp_dist.distributed import DistState
+from scp_dist.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def overrides(tmp: Path, data_root: Path, **kw) -> list[str]:
+    base = {
+        "data.root": str(data_root),
+        "output.dir": str(tmp / "runs"),
+        "train.epochs": 2,
+        "train.global_batch": 256,
+        "train.log_every": 1,
+        "data.num_workers": 0,
+        "data.loader": "torch",
+    }
+    base.update(kw)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory) -> Path:
+    from scp_dist.shards.sources import prepare_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    prepare_digits(root)
+    return root
+
+
+def run_cli(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess:
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    else:
+        cmd = [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, "-m", "scp_dist.train", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def head_params(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoint.pt", weights_only=False)["head"]
+
+
+def test_single_process_run_writes_everything(tmp_path, digits_root):
+    args = ["--config", "demo_digits", *overrides(tmp_path, digits_root, **{"output.run_name": "single"})]
+    proc = run_cli(args)
+    run = tmp_path / "runs" / "single"
+    assert "ACC" in proc.stdout and "NMI" in proc.stdout and "ARI" in proc.stdout
+    ev = json.loads((run / "eval.json").read_text())
+    scores = ev["splits"]["train"]["scores"]
+    assert scores["n"] == 1797 and 0.0 <= scores["acc"] <= 1.0
+    rows = list(csv.DictReader((run / "assignments_train.csv").open()))
+    assert len(rows) == 1797 and len({r["key"] for r in rows}) == 1797
+    assert all(0 <= int(r["cluster"]) < 10 and 0 < float(r["probability"]) <= 1 for r in rows)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if x["kind"] == "step"]
+    assert len(steps) == 2 * (1797 // 256)  # every step logged, 7 steps per epoch
+    assert {"loss", "l_e", "l_con", "entropy", "lr", "img_per_s"} <= steps[0].keys()
+    assert steps[-1]["lr"] < steps[0]["lr"]  # cosine annealing
+    resolved = load_config(run / "config.yaml")
+    assert resolved.train.epochs == 2 and resolved.data.root == str(digits_root)
+
+
+def test_torchrun_two_processes_checkpoint_resume_evaluate(tmp_path, digits_root):
+    # (a) two epochs straight; (b) stop after epoch 1 (max_steps), then resume for epoch 2.
+    straight = overrides(tmp_path, digits_root, **{"output.run_name": "straight"})
+    run_cli(["--config", "demo_digits", *straight], torchrun=2)
+    steps_per_epoch = 1797 // 256
+    first = overrides(tmp_path, digits_root, **{"output.run_name": "resumed", "train.max_steps": steps_per_epoch})
+    run_cli(["--config", "demo_digits", *first], torchrun=2)
+    ckpt = torch.load(tmp_path / "runs" / "resumed" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == steps_per_epoch
+    second = overrides(tmp_path, digits_root, **{"output.run_name": "resumed", "train.resume": "true"})
+    proc = run_cli(["--config", "demo_digits", *second], torchrun=2)
+    assert "resumed from" in proc.stderr
+    a, b = head_params(tmp_path / "runs" / "straight"), head_params(tmp_path / "runs" / "resumed")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    ev = json.loads((tmp_path / "runs" / "resumed" / "eval.json").read_text())
+    assert ev["splits"]["train"]["num_samples"] == 1797
+
+
+def test_resume_refuses_a_different_config(tmp_path, digits_root):
+    st = DistState()
+    cfg = load_config("demo_digits", overrides(tmp_path, digits_root, **{"output.run_name": "r", "train.max_steps": 1}))
+    train(cfg, st)
+    bad = load_config("demo_digits", overrides(tmp_path, digits_root, **{
+        "output.run_name": "r", "train.resume": "true", "head.num_clusters": 12}))
+    with pytest.raises(CheckpointError, match="head"):
+        train(bad, st)
+
+
+def test_same_seed_same_result(tmp_path, digits_root):
+    st = DistState()
+    outs = []
+    for name in ("s1", "s2"):
+        cfg = load_config("demo_digits", overrides(tmp_path, digits_root, **{"output.run_name": name, "train.max_steps": 3}))
+        outs.append(train(cfg, st)["predictions"]["train"].clusters)
+    assert (outs[0] == outs[1]).all()
+    for k, v in head_params(tmp_path / "runs" / "s1").items():
+        assert torch.equal(v, head_params(tmp_path / "runs" / "s2")[k])
+
+
+def test_missing_shards_fail_clearly(tmp_path):
+    cfg = load_config("demo_digits", overrides(tmp_path, tmp_path / "nowhere", **{"data.prepare": ""}))
+    from scp_dist.shards.manifest import ShardError
+
+    with pytest.raises(ShardError, match="does not exist"):
+        train(cfg, DistState())
