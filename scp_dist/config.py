@@ -148,7 +148,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             bad = [o for o in overrides if "=" not in o or o.startswith(("+", "~"))]
             if bad:
                 raise ConfigError(f"overrides must be key=value, got {bad}")
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            # `key=` means the empty string (omegaconf would read it as null, which str keys reject)
+            layers.append(OmegaConf.from_dotlist([o + "''" if o.endswith("=") else o for o in overrides]))
         cfg = OmegaConf.merge(*layers)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:

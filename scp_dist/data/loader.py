@@ -1,0 +1,221 @@
+"""Train and eval loaders: plan -> read -> decode + two views -> Batch, per rank.
+
+Backends (`data.loader`): `torch` decodes and augments in DataLoader worker processes; `dali`
+reads bytes in the workers and decodes + augments in a DALI pipeline (GPU `mixed` decode when a
+GPU is there, DALI's CPU-only mode otherwise); `auto` picks DALI when it imports. Both obey the
+same plan (plan.py), so which samples a rank sees does not depend on the backend.
+
+Bad samples (missing shard, truncated tar, no image, corrupt image) are skipped and counted in
+`loader.stats` (`data.on_error=skip`, the default) or stop the job (`raise`). A skipped sample only
+makes its rank's batch smaller; the loss is exact for unequal per-rank batches, so no rank waits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from scp_dist.data import plan as P
+from scp_dist.data.augment_torch import ViewSpec, decode_rgb, plain_view, sample_rng, two_views
+from scp_dist.data.reader import CORRUPT_IMAGE, SKIP_REASONS, RawSample, SampleReader
+from scp_dist.shards.manifest import Manifest, ShardError, read_manifest
+
+log = logging.getLogger("scp_dist")
+_MAX_WARNINGS = 10
+
+
+class DataError(ShardError):
+    """A bad sample with data.on_error=raise."""
+
+
+@dataclass
+class Batch:
+    views: list[torch.Tensor]  # train: [view_a, view_b]; eval: [plain]; each (n, 3, S, S) float32
+    keys: list[str]
+    labels: torch.Tensor  # (n,) int64, -1 where unlabeled
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, key, detail)
+    raw: list[RawSample] | None = None  # dali backend: bytes still to be decoded
+
+
+class LoaderStats:
+    """Skipped-sample counts of the current epoch, by reason."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+    def as_dict(self) -> dict[str, int]:
+        return {r: int(self.counts[r]) for r in SKIP_REASONS}
+
+
+def choose_backend(name: str) -> str:
+    if name not in ("auto", "dali", "torch"):
+        raise ValueError(f"config key 'data.loader': {name!r} is not one of auto, dali, torch")
+    if name == "torch":
+        return "torch"
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        if name == "dali":
+            raise ImportError("data.loader=dali but nvidia-dali is not installed (pip install "
+                              "nvidia-dali-cuda130, or data.loader=torch)") from None
+        return "torch"
+    return "dali"
+
+
+def _empty(n: int, size: int) -> torch.Tensor:
+    return torch.zeros((n, 3, size, size), dtype=torch.float32)
+
+
+class _PlanDataset(Dataset):
+    """Item i = batch i of the plan: read its samples and (torch backend) decode + augment them."""
+
+    def __init__(self, reader: SampleReader, rows: list[np.ndarray], spec: ViewSpec, train: bool, seed: int,
+                 epoch: int, decode: bool) -> None:
+        self.reader, self.rows, self.spec, self.train = reader, rows, spec, train
+        self.seed, self.epoch, self.decode = seed, epoch, decode
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Batch:
+        raws = [self.reader.read(int(j)) for j in self.rows[i]]
+        skipped = [(r.error, r.key, r.detail) for r in raws if r.error]
+        good = [r for r in raws if not r.error]
+        if not self.decode:
+            return Batch([], [r.key for r in good], torch.tensor([r.label for r in good], dtype=torch.int64),
+                         skipped, raw=good)
+        a, b, keys, labels = [], [], [], []
+        for r in good:
+            try:
+                img = decode_rgb(r.image)
+            except Exception as e:  # PIL raises several types for corrupt data
+                skipped.append((CORRUPT_IMAGE, r.key, f"{type(e).__name__}: {e}"))
+                continue
+            if self.train:
+                va, vb = two_views(img, self.spec, sample_rng(self.seed, self.epoch, r.index))
+                a.append(va)
+                b.append(vb)
+            else:
+                a.append(plain_view(img, self.spec))
+            keys.append(r.key)
+            labels.append(r.label)
+        s = self.spec.image_size
+        views = [torch.stack(a) if a else _empty(0, s)]
+        if self.train:
+            views.append(torch.stack(b) if b else _empty(0, s))
+        return Batch(views, keys, torch.tensor(labels, dtype=torch.int64), skipped)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _Loader:
+    def __init__(self, split_dir: Path, data_cfg: Any, spec: ViewSpec, train: bool, seed: int,
+                 device: torch.device) -> None:
+        self.manifest: Manifest = read_manifest(split_dir)
+        self.reader = SampleReader(self.manifest)
+        self.spec, self.train, self.seed, self.device = spec, train, seed, device
+        self.num_workers = int(data_cfg.num_workers)
+        self.on_error = data_cfg.on_error
+        self.backend = choose_backend(data_cfg.loader)
+        self.stats = LoaderStats()
+        self.epoch = 0
+        self._warned = 0
+        self._dali = None
+
+    def rows(self) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stats.reset()
+
+    def __len__(self) -> int:
+        return len(self.rows())
+
+    def _dali_views(self):
+        if self._dali is None:
+            from scp_dist.data.augment_dali import DaliViews
+
+            self._dali = DaliViews(self.spec, two_views=self.train, seed=self.seed, device=self.device)
+        return self._dali
+
+    def _account(self, batch: Batch) -> None:
+        for reason, key, detail in batch.skipped:
+            if self.on_error == "raise":
+                raise DataError(f"{reason}: sample {key}: {detail} (data.on_error=raise; 'skip' counts and skips)")
+            self.stats.counts[reason] += 1
+            if self._warned < _MAX_WARNINGS:
+                self._warned += 1
+                log.warning("skipping sample %s (%s): %s", key, reason, detail)
+
+    def __iter__(self):
+        ds = _PlanDataset(self.reader, self.rows(), self.spec, self.train, self.seed, self.epoch,
+                          decode=self.backend == "torch")
+        dl = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers, collate_fn=_identity,
+                        pin_memory=self.device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if self.num_workers else None)
+        for batch in dl:
+            if batch.raw is not None:
+                batch = self._dali_views()(batch, self.epoch)
+            self._account(batch)
+            yield batch
+
+
+class TrainLoader(_Loader):
+    def __init__(self, split_dir: Path, data_cfg: Any, spec: ViewSpec, *, world_size: int, rank: int,
+                 global_batch: int, seed: int, device: torch.device) -> None:
+        super().__init__(split_dir, data_cfg, spec, True, seed, device)
+        self.world_size, self.rank, self.global_batch = world_size, rank, global_batch
+        self.shuffle_buffer = int(data_cfg.shuffle_buffer)
+        n = self.manifest.num_samples
+        if n < global_batch:
+            raise ShardError(f"{split_dir}: {n} samples, fewer than train.global_batch={global_batch}: "
+                             "an epoch would have no step")
+        self._rows: tuple[int, list[np.ndarray]] | None = None
+
+    def rows(self) -> list[np.ndarray]:
+        if self._rows is None or self._rows[0] != self.epoch:
+            counts = [s.num_samples for s in self.manifest.shards]
+            plan = P.train_plan(counts, self.global_batch, self.world_size, self.rank, self.seed, self.epoch,
+                                self.shuffle_buffer)
+            self._rows = (self.epoch, list(plan))
+        return self._rows[1]
+
+
+class EvalLoader(_Loader):
+    def __init__(self, split_dir: Path, data_cfg: Any, spec: ViewSpec, *, world_size: int, rank: int,
+                 batch_size: int, device: torch.device) -> None:
+        super().__init__(split_dir, data_cfg, spec, False, 0, device)
+        r = P.eval_range(self.manifest.num_samples, world_size, rank)
+        idx = np.arange(r.start, r.stop, dtype=np.int64)
+        self._rows = [idx[i: i + batch_size] for i in range(0, len(idx), batch_size)]
+
+    def rows(self) -> list[np.ndarray]:
+        return self._rows
+
+
+def build_train_loader(split_dir: Path, data_cfg: Any, aug_cfg: Any, *, world_size: int, rank: int,
+                       global_batch: int, image_size: int, mean, std, seed: int,
+                       device: torch.device) -> TrainLoader:
+    spec = ViewSpec.from_config(aug_cfg, image_size, mean, std)
+    return TrainLoader(Path(split_dir), data_cfg, spec, world_size=world_size, rank=rank,
+                       global_batch=global_batch, seed=seed, device=device)
+
+
+def build_eval_loader(split_dir: Path, data_cfg: Any, *, world_size: int, rank: int, batch_size: int,
+                      image_size: int, mean, std, device: torch.device) -> EvalLoader:
+    spec = ViewSpec(int(image_size), tuple(mean), tuple(std))
+    return EvalLoader(Path(split_dir), data_cfg, spec, world_size=world_size, rank=rank, batch_size=batch_size,
+                      device=device)

@@ -1,0 +1,133 @@
+"""The shard writer: WebDataset tars + DALI indices + manifest, atomic and resumable."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scp_dist.shards.manifest import MANIFEST_NAME, ShardError, read_manifest
+from scp_dist.shards.sources import encode_png, prepare_digits
+from scp_dist.shards.writer import Sample, write_shards
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def samples(n: int, labeled: bool = True, fail_at: int | None = None):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        if i == fail_at:
+            raise RuntimeError("source died")
+        img = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+        yield Sample(f"s_{i:04d}", encode_png(img), "png", i % 3 if labeled else None)
+
+
+def write(out: Path, n: int = 25, **kw):
+    return write_shards(samples(n, fail_at=kw.pop("fail_at", None)), out, source="test", split="train",
+                        classes=["a", "b", "c"], max_count=kw.pop("max_count", 10), progress=False, **kw)
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as t:
+        for m in t:
+            key, _, ext = m.name.partition(".")
+            out.setdefault(key, {})[ext] = t.extractfile(m).read()
+    return out
+
+
+def test_shards_manifest_and_contents(tmp_path):
+    m = write(tmp_path)
+    assert [s.num_samples for s in m.shards] == [10, 10, 5] and m.num_samples == 25
+    assert m.classes == ["a", "b", "c"] and m.num_classes == 3
+    back = read_manifest(tmp_path)
+    assert back.to_json() == m.to_json()
+    got = {}
+    for p in back.shard_paths():
+        got.update(read_tar(p))
+    want = {s.key: s for s in samples(25)}
+    assert got.keys() == want.keys()
+    for k, s in want.items():
+        assert got[k]["png"] == s.image and int(got[k]["cls"]) == s.label
+
+
+def test_index_matches_dalis_wds2idx(tmp_path):
+    write(tmp_path)
+    wds2idx = VENV_BIN / "wds2idx"
+    if not wds2idx.exists():
+        pytest.skip("wds2idx (from nvidia-dali) not installed")
+    for tar in sorted(tmp_path.glob("*.tar")):
+        ref = tmp_path / "ref.idx"
+        subprocess.run([str(wds2idx), str(tar), str(ref)], check=True, capture_output=True)
+        assert tar.with_suffix(".idx").read_text().split() == ref.read_text().split()
+
+
+def test_size_by_bytes(tmp_path):
+    one = len(next(samples(1)).image)
+    m = write(tmp_path, max_count=1000, max_bytes=3 * one)
+    assert len(m.shards) >= 25 // 4 and max(s.num_samples for s in m.shards) <= 4
+
+
+def test_crash_leaves_no_half_shard_and_rerun_skips_finished_ones(tmp_path):
+    with pytest.raises(RuntimeError, match="source died"):
+        write(tmp_path, fail_at=17)
+    assert not (tmp_path / MANIFEST_NAME).exists()
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["shard-000000.tar"]
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(ShardError, match="no manifest"):
+        read_manifest(tmp_path)
+    first = tmp_path / "shard-000000.tar"
+    stamp = first.stat().st_mtime_ns
+    m = write(tmp_path)
+    assert first.stat().st_mtime_ns == stamp  # not rewritten
+    assert m.num_samples == 25 and [s.num_samples for s in m.shards] == [10, 10, 5]
+    fresh = write(tmp_path / "fresh")
+    assert [s.sha256 for s in m.shards] == [s.sha256 for s in fresh.shards]  # same bytes as an uninterrupted run
+
+
+def test_unlabeled_and_bad_input(tmp_path):
+    m = write_shards(samples(4, labeled=False), tmp_path / "u", source="t", split="u", classes=None, progress=False)
+    assert m.num_classes == 0 and m.classes is None and not m.labeled
+    assert "cls" not in read_tar(m.shard_paths()[0])["s_0000"]
+    dup = [Sample("x", b"1", "png", 0), Sample("x", b"2", "png", 0)]
+    with pytest.raises(ShardError, match="duplicate"):
+        write_shards(dup, tmp_path / "d", source="t", split="d", classes=["a"], progress=False)
+    with pytest.raises(ShardError, match="label"):
+        write_shards([Sample("y", b"1", "png", 5)], tmp_path / "l", source="t", split="l", classes=["a"],
+                     progress=False)
+    with pytest.raises(ShardError, match="must not contain"):
+        write_shards([Sample("a.b", b"1", "png", 0)], tmp_path / "k", source="t", split="k", classes=["a"],
+                     progress=False)
+
+
+def test_read_manifest_errors(tmp_path):
+    with pytest.raises(ShardError, match="does not exist"):
+        read_manifest(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match="empty"):
+        read_manifest(tmp_path / "empty")
+    m = write(tmp_path / "ok")
+    m.shard_paths()[1].unlink()
+    with pytest.raises(ShardError, match="missing"):
+        read_manifest(tmp_path / "ok")
+
+
+def test_digits_are_the_real_digits(tmp_path):
+    from sklearn.datasets import load_digits
+
+    m = prepare_digits(tmp_path)["train"]
+    assert m.num_samples == 1797 and m.num_classes == 10
+    d = load_digits()
+    first = read_tar(m.shard_paths()[0])
+    img = np.asarray(Image.open(io.BytesIO(first["digits_0000000"]["png"])))
+    assert img.shape == (8, 8)
+    np.testing.assert_array_equal(img, np.rint(d.images[0] * 255 / 16).astype(np.uint8))
+    assert int(first["digits_0000000"]["cls"]) == d.target[0]
+    assert json.loads((tmp_path / "train" / MANIFEST_NAME).read_text())["source"] == "sklearn.load_digits"
