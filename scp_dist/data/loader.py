@@ -3,7 +3,8 @@
 Backends (`data.loader`): `torch` decodes and augments in DataLoader worker processes; `dali`
 reads bytes in the workers and decodes + augments in a DALI pipeline (GPU `mixed` decode when a
 GPU is there, DALI's CPU-only mode otherwise); `auto` picks DALI when it imports. Both obey the
-same plan (plan.py), so which samples a rank sees does not depend on the backend.
+same plan (plan.py), so which samples a rank sees does not depend on the backend. `dali_reader`
+(training only, dali_reader.py) lets DALI read the shards itself, with weaker shuffling.
 
 Bad samples (missing shard, truncated tar, no image, corrupt image) are skipped and counted in
 `loader.stats` (`data.on_error=skip`, the default) or stop the job (`raise`). A skipped sample only
@@ -16,7 +17,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from scp_dist.data import plan as P
 from scp_dist.data.augment_torch import ViewSpec, decode_rgb, plain_view, sample_rng, two_views
 from scp_dist.data.reader import CORRUPT_IMAGE, SKIP_REASONS, RawSample, SampleReader
 from scp_dist.shards.manifest import Manifest, ShardError, read_manifest
+
+if TYPE_CHECKING:
+    from scp_dist.data.dali_reader import DaliReaderLoader
 
 log = logging.getLogger("scp_dist")
 _MAX_WARNINGS = 10
@@ -58,18 +62,18 @@ class LoaderStats:
 
 
 def choose_backend(name: str) -> str:
-    if name not in ("auto", "dali", "torch"):
-        raise ValueError(f"config key 'data.loader': {name!r} is not one of auto, dali, torch")
+    if name not in ("auto", "dali", "dali_reader", "torch"):
+        raise ValueError(f"config key 'data.loader': {name!r} is not one of auto, dali, dali_reader, torch")
     if name == "torch":
         return "torch"
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
-        if name == "dali":
-            raise ImportError("data.loader=dali but nvidia-dali is not installed (pip install "
+        if name in ("dali", "dali_reader"):
+            raise ImportError(f"data.loader={name} but nvidia-dali is not installed (pip install "
                               "nvidia-dali-cuda130, or data.loader=torch)") from None
         return "torch"
-    return "dali"
+    return "dali_reader" if name == "dali_reader" else "dali"
 
 
 def _empty(n: int, size: int) -> torch.Tensor:
@@ -129,6 +133,10 @@ class _Loader:
         self.num_workers = int(data_cfg.num_workers)
         self.on_error = data_cfg.on_error
         self.backend = choose_backend(data_cfg.loader)
+        if self.backend == "dali_reader":
+            # Only training reads natively (dali_reader.py); evaluation needs every sample exactly
+            # once, in order, which the plan-fed path guarantees.
+            self.backend = "dali"
         self.stats = LoaderStats()
         self.epoch = 0
         self._warned = 0
@@ -208,8 +216,13 @@ class EvalLoader(_Loader):
 
 def build_train_loader(split_dir: Path, data_cfg: Any, aug_cfg: Any, *, world_size: int, rank: int,
                        global_batch: int, image_size: int, mean, std, seed: int,
-                       device: torch.device) -> TrainLoader:
+                       device: torch.device) -> TrainLoader | DaliReaderLoader:
     spec = ViewSpec.from_config(aug_cfg, image_size, mean, std)
+    if choose_backend(data_cfg.loader) == "dali_reader":
+        from scp_dist.data.dali_reader import DaliReaderLoader
+
+        return DaliReaderLoader(Path(split_dir), data_cfg, spec, world_size=world_size, rank=rank,
+                                global_batch=global_batch, seed=seed, device=device)
     return TrainLoader(Path(split_dir), data_cfg, spec, world_size=world_size, rank=rank,
                        global_batch=global_batch, seed=seed, device=device)
 
