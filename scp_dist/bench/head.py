@@ -1,0 +1,157 @@
+"""`head`: training the head on cached features, at the size of CIFAR-10 (50,000 x 512, K = 10).
+
+Features are precomputed, as when the backbone's outputs are cached: two (N, D) tensors stand for
+the two augmented views (a K-component Gaussian mixture, view b = view a plus noise), resident on
+the device. Training is the paper's: SCPHead (D -> 1024 -> 786 -> 512 -> 1024 -> K), scp_loss,
+Adam, cosine lr over all steps, a fresh permutation per epoch, the batch tail dropped (as in
+train.py). With --heads the same run is repeated with H heads trained at once in one batched
+pass, and its time is compared with H=1: many heads in one pass cost less than H separate runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from scp_dist.bench import common as C
+from scp_dist.evaluate import autocast_context
+from scp_dist.loss import scp_loss
+from scp_dist.models.head import SCPHead
+from scp_dist.schedule import lr_at
+
+PAPER_HIDDEN = [1024, 786, 512, 1024]
+PAPER_EPOCHS = 30
+
+COLUMNS = [
+    C.Column("heads", "heads"),
+    C.Column("device", "device"),
+    C.Column("precision", "precision"),
+    C.Column("epochs", "epochs"),
+    C.Column("epoch_s", "s/epoch", ".3f"),
+    C.Column("total_s", "total s", ".2f"),
+    C.Column("est_paper_s", "est. 30 epochs s", ".1f"),
+    C.Column("vs_h1", "time vs H=1", ".2f"),
+    C.Column("vs_h_runs", "vs H runs", ".2f"),
+    C.Column("peak_mem_mib", "peak MiB", ".0f"),
+    C.Column("final_loss", "final loss", ".3f"),
+]
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n", type=int, default=50_000, help="cached samples")
+    p.add_argument("--dim", type=int, default=512, help="feature dimension D")
+    p.add_argument("--clusters", type=int, default=10, help="K")
+    p.add_argument("--epochs", type=int, default=PAPER_EPOCHS)
+    p.add_argument("--batch", type=int, default=512, help="global batch")
+    p.add_argument("--heads", nargs="+", type=int, default=[1],
+                   help="head counts to time (H=1 is always added for the comparison)")
+    p.add_argument("--hidden", nargs="+", type=int, default=PAPER_HIDDEN, help="head widths")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--devices", nargs="+", default=["auto"], choices=["auto", "cpu", "cuda"],
+                   help="auto: CPU, and the GPU too when one is present")
+    p.add_argument("--lr", type=float, default=1e-3)
+
+
+def cached_features(n: int, dim: int, k: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two views of a K-component Gaussian mixture, on `device` (generated on CPU: reproducible)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, dim, generator=g) * 2.0
+    labels = torch.randint(0, k, (n,), generator=g)
+    a = centers[labels] + torch.randn(n, dim, generator=g)
+    b = a + 0.3 * torch.randn(n, dim, generator=g)
+    return a.to(device), b.to(device)
+
+
+def train_head(fa: torch.Tensor, fb: torch.Tensor, hidden: list[int], k: int, heads: int, epochs: int, batch: int,
+               lr: float, precision: str, seed: int = 0) -> dict[str, Any]:
+    device = fa.device
+    n = fa.shape[0]
+    steps_per_epoch = n // batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"--n {n} is smaller than --batch {batch}")
+    total = steps_per_epoch * epochs
+    head = SCPHead(fa.shape[1], hidden, k, num_heads=heads, seed=seed).to(device)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    g = torch.Generator(device=device).manual_seed(seed)
+    epoch_times = []
+    step = 0
+    last = torch.zeros(heads, device=device)
+    for _ in range(epochs):
+        C.sync(device)
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, device=device, generator=g)
+        for s in range(steps_per_epoch):
+            for grp in opt.param_groups:
+                grp["lr"] = lr_at(step, total, lr, "cosine")
+            idx = perm[s * batch: (s + 1) * batch]
+            with autocast_context(device, precision):
+                logits = head(torch.cat([fa[idx], fb[idx]]))
+            out = scp_loss(logits[:, :batch], logits[:, batch:], ce_reduction="mean")
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            last = out.total  # kept on the device: reading it every step would sync the GPU
+            step += 1
+        C.sync(device)
+        epoch_times.append(time.perf_counter() - t0)
+    final = last.float().cpu()
+    if not torch.isfinite(final).all():
+        raise FloatingPointError(f"non-finite head loss: {final.tolist()}")
+    return {"epoch_times": epoch_times, "final_loss": float(final.mean()), "steps": total}
+
+
+def run(args: argparse.Namespace) -> C.BenchResult:
+    devices: list[torch.device] = []
+    for d in args.devices:
+        if d == "auto":
+            devices.append(torch.device("cpu"))
+            if torch.cuda.is_available():
+                devices.append(torch.device("cuda", 0))
+        else:
+            devices.append(C.pick_device(d))
+    devices = list(dict.fromkeys(devices))
+    heads = sorted({1, *args.heads})
+    rows, notes = [], []
+    for device in devices:
+        precision = args.precision
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" else "fp32"
+        fa, fb = cached_features(args.n, args.dim, args.clusters, device)
+        # Untimed: CUDA context, cuBLAS handles, allocator pools, CPU thread pools.
+        train_head(fa[: 4 * args.batch], fb[: 4 * args.batch], args.hidden, args.clusters, max(heads), 1,
+                   args.batch, args.lr, precision)
+        base = None
+        for h in heads:
+            with C.PeakMemory(device) as mem:
+                res = train_head(fa, fb, args.hidden, args.clusters, h, args.epochs, args.batch, args.lr, precision)
+            total = sum(res["epoch_times"])
+            if h == 1:
+                base = total
+            epoch_s = total / args.epochs
+            row = {
+                "heads": h, "device": device.type, "precision": precision, "epochs": args.epochs,
+                "epoch_s": epoch_s, "first_epoch_s": res["epoch_times"][0], "total_s": total,
+                "est_paper_s": epoch_s * PAPER_EPOCHS, "vs_h1": total / base if base else None,
+                "vs_h_runs": total / (h * base) if base else None, "peak_mem_mib": mem.mib,
+                "peak_mem_kind": mem.kind, "final_loss": res["final_loss"], "steps": res["steps"],
+            }
+            rows.append(row)
+            print(f"  {device.type} H={h}: {total:.2f} s for {args.epochs} epoch(s)", flush=True)
+        del fa, fb
+        if device.type == "cuda":
+            gpu_1 = next(r for r in rows if r["device"] == "cuda" and r["heads"] == 1)
+            notes.append(f"goal on one GPU: 30 epochs under 10 s: "
+                         f"{'met' if gpu_1['est_paper_s'] < 10 else 'NOT met'} ({gpu_1['est_paper_s']:.1f} s)")
+    kinds = sorted({r["peak_mem_kind"] for r in rows})
+    notes.append("peak memory per row: " + "; ".join(kinds) + " (GPU: absolute, cached features included; "
+                 "CPU: above the RSS at the row's start, i.e. head, optimiser state and activations)")
+    notes.append(f"{args.n} x {args.dim} cached features x 2 views (Gaussian mixture), K={args.clusters}, "
+                 f"batch {args.batch}, {args.n // args.batch} steps/epoch; 'est. 30 epochs' = s/epoch x 30; "
+                 "'vs H runs' = time(H) / (H x time(1)): below 1 means one H-head pass beats H runs")
+    params = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "epochs": args.epochs, "batch": args.batch,
+              "hidden": list(args.hidden), "heads": heads}
+    return C.BenchResult("head", params, COLUMNS, rows, notes)
