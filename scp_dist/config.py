@@ -98,6 +98,17 @@ class TrainConfig:
     log_every: int = 10
     eval_batch: int = 1024
     device: str = "auto"  # auto | cpu | cuda
+    # stream: fresh views through the backbone every step. cached: backbone features of cache.num_pairs
+    # view pairs per image computed once, then the head trains on them (see scp_dist/feature_cache.py).
+    mode: str = "stream"
+
+
+@dataclass
+class CacheConfig:
+    num_pairs: int = 8  # M: augmented view pairs per image; epoch e trains on pair e % M
+    dir: str = ""  # "" = <run dir>/features
+    dtype: str = "fp16"  # fp16 | fp32: how features are stored
+    batch_size: int = 256  # images per extraction batch, per rank
 
 
 @dataclass
@@ -122,6 +133,7 @@ class SCPConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -191,6 +203,10 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     _check(cfg.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto|fp32|bf16|fp16")
     _check(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "auto|cpu|cuda")
+    _check(cfg.train.mode in ("stream", "cached"), "train.mode", "stream|cached")
+    _check(cfg.cache.num_pairs >= 1, "cache.num_pairs", f"must be >= 1, got {cfg.cache.num_pairs}")
+    _check(cfg.cache.dtype in ("fp16", "fp32"), "cache.dtype", "fp16|fp32")
+    _check(cfg.cache.batch_size >= 1, "cache.batch_size", "must be >= 1")
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "auto|nccl|gloo")
     _check(cfg.data.loader in ("auto", "dali", "dali_reader", "torch"), "data.loader", "auto|dali|dali_reader|torch")
     _check(cfg.data.on_error in ("skip", "raise"), "data.on_error", "skip|raise")
@@ -248,4 +264,5 @@ def config_fingerprint(cfg: DictConfig) -> dict:
         "data.root": cfg.data.root,
         "train.global_batch": cfg.train.global_batch,
         "train.epochs": cfg.train.epochs,
+        "train.mode": cfg.train.mode,
     }

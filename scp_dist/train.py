@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scp_dist import distributed as D
 from scp_dist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from scp_dist.config import check_world_size, config_fingerprint, load_config, run_dir, save_config
-from scp_dist.data.loader import build_eval_loader, build_train_loader
-from scp_dist.evaluate import autocast_context, format_scores, predict, write_assignments, write_json
+from scp_dist.data import plan as P
+from scp_dist.data.loader import TrainLoader, build_eval_loader, build_train_loader
+from scp_dist.evaluate import (
+    Predictions,
+    autocast_context,
+    format_scores,
+    predict,
+    write_assignments,
+    write_json,
+)
+from scp_dist.feature_cache import SplitFeatures, cache_dir, extract_features, load_kind
 from scp_dist.loss import scp_loss
 from scp_dist.models.backbones import Backbone, build_backbone
 from scp_dist.models.head import SCPHead
 from scp_dist.runlog import JsonlLog, log, progress, setup_logging
 from scp_dist.schedule import lr_at
+from scp_dist.shards.manifest import read_manifest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +83,86 @@ def build_models(cfg: DictConfig, st: D.DistState) -> tuple[Backbone, SCPHead]:
     return backbone, head
 
 
+class StreamFeatures:
+    """Per step: a batch of two fresh views per image through the frozen backbone -> [a; b] features."""
+
+    def __init__(self, loader: TrainLoader, backbone: Backbone, device: torch.device, precision: str) -> None:
+        self.loader, self.backbone, self.device, self.precision = loader, backbone, device, precision
+        self.num_samples = loader.manifest.num_samples
+        self.stats = loader.stats
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        for batch in self.loader:
+            views = torch.cat(batch.views).to(self.device, non_blocking=True)  # [a; b], one backbone call
+            with torch.no_grad(), autocast_context(self.device, self.precision):
+                feats = self.backbone(views)
+            yield feats, len(batch.keys)
+
+
+class CachedFeatures:
+    """Per step: the same plan as streaming (plan.py), read from cached features of pair epoch % M."""
+
+    def __init__(self, cfg: DictConfig, st: D.DistState, root: Path) -> None:
+        self.cfg, self.st, self.root = cfg, st, root
+        manifest = read_manifest(Path(cfg.data.root) / cfg.data.train_split)
+        self.counts = [s.num_samples for s in manifest.shards]
+        self.num_samples = manifest.num_samples
+        self.steps = P.steps_per_epoch(self.num_samples, cfg.train.global_batch)
+        self.stats = None  # bad samples were skipped (and logged) at extraction
+        self.epoch = 0
+        self._pair: tuple[int, SplitFeatures, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _load_pair(self) -> tuple[SplitFeatures, np.ndarray]:
+        m = self.epoch % self.cfg.cache.num_pairs
+        if self._pair is None or self._pair[0] != m:
+            pair = load_kind(self.root, self.cfg.data.train_split, f"pair-{m:03d}")
+            row_of = np.full(self.num_samples, -1, dtype=np.int64)  # global index -> row; -1: skipped sample
+            row_of[pair.index] = np.arange(len(pair.index))
+            self._pair = (m, pair, row_of)
+        return self._pair[1], self._pair[2]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        pair, row_of = self._load_pair()
+        cfg = self.cfg
+        for rows in P.train_plan(self.counts, cfg.train.global_batch, self.st.world_size, self.st.rank,
+                                 cfg.train.seed, self.epoch, cfg.data.shuffle_buffer):
+            pos = row_of[rows]
+            pos = torch.from_numpy(pos[pos >= 0])
+            feats = pair.feats[:, pos].reshape(-1, pair.feats.shape[-1])  # [a; b]
+            yield feats.to(self.st.device, torch.float32, non_blocking=True), len(pos)
+
+
+def predict_cached(root: Path, split: str, head: SCPHead, st: D.DistState, want_features: bool) -> Predictions | None:
+    """Rank 0 clusters the cached plain features of a split (the head is tiny); the others return None."""
+    if not st.is_main:
+        return None
+    plain = load_kind(root, split, "plain")
+    was_training = head.training
+    head.eval()
+    clusters, conf = [], []
+    with torch.no_grad():
+        for chunk in plain.feats[0].split(8192):
+            c, k = head(chunk.to(st.device, torch.float32)).float().softmax(-1).max(-1)
+            clusters.append(k.cpu().numpy())
+            conf.append(c.cpu().numpy())
+    head.train(was_training)
+    return Predictions(keys=plain.keys, labels=plain.labels, clusters=np.concatenate(clusters, axis=1),
+                       confidence=np.concatenate(conf, axis=1),
+                       features=plain.feats[0].float().numpy() if want_features else None)
+
+
 def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict:
     check_world_size(cfg, st.world_size)
     out_dir = run_dir(cfg)
@@ -94,16 +185,22 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
     )
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-    data_root = Path(cfg.data.root)
-    loader = build_train_loader(
-        data_root / cfg.data.train_split, cfg.data, cfg.augment,
-        world_size=st.world_size, rank=st.rank, global_batch=cfg.train.global_batch,
-        image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, seed=cfg.train.seed, device=st.device,
-    )
-    steps_per_epoch = len(loader)
+    if cfg.train.mode == "cached":
+        root = cache_dir(cfg, out_dir)
+        extract_features(cfg, st, backbone, root, precision)
+        source: StreamFeatures | CachedFeatures = CachedFeatures(cfg, st, root)
+    else:
+        loader = build_train_loader(
+            Path(cfg.data.root) / cfg.data.train_split, cfg.data, cfg.augment,
+            world_size=st.world_size, rank=st.rank, global_batch=cfg.train.global_batch,
+            image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, seed=cfg.train.seed, device=st.device,
+        )
+        source = StreamFeatures(loader, backbone, st.device, precision)
+    steps_per_epoch = len(source)
     total_steps = steps_per_epoch * cfg.train.epochs  # the schedule's length; max_steps only stops early
     stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
-    log.info("%d samples, %d steps/epoch, %d steps in all", loader.manifest.num_samples, steps_per_epoch, stop_at)
+    log.info("%d samples, %d steps/epoch, %d steps in all (%s mode)", source.num_samples, steps_per_epoch, stop_at,
+             cfg.train.mode)
 
     fingerprint = config_fingerprint(cfg)
     ckpt_path = out_dir / CHECKPOINT_NAME
@@ -122,24 +219,20 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
     for epoch in range(start_epoch, cfg.train.epochs):
         if step >= stop_at:
             break
-        loader.set_epoch(epoch)
+        source.set_epoch(epoch)
         model.train()
         epoch_loss_sum = torch.zeros(cfg.head.num_heads)
         epoch_steps = 0
         t_last, seen_since = time.perf_counter(), 0
-        bar = progress(loader, st.is_main, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", total=steps_per_epoch)
-        for batch in bar:
+        bar = progress(source, st.is_main, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", total=steps_per_epoch)
+        for feats, n in bar:
             if step >= stop_at:
                 break  # every rank sees the same stop_at, so all stop together
             lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            n = len(batch.keys)
-            views = torch.cat(batch.views).to(st.device, non_blocking=True)  # [a; b], one backbone call
             with autocast_context(st.device, precision):
-                with torch.no_grad():
-                    feats = backbone(views)
-                logits = model(feats)
+                logits = model(feats)  # feats = [view a; view b]
             out = scp_loss(logits[:, :n], logits[:, n:], alpha=alpha, ce_reduction=cfg.loss.ce_reduction, eps=cfg.loss.eps)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -164,7 +257,7 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{terms['loss']:.3f}", H=f"{terms['entropy']:.3f}", ips=f"{ips:.0f}")
         head_losses = epoch_loss_sum / max(epoch_steps, 1)
-        skipped = _global_skip_counts(loader, st)
+        skipped = _global_skip_counts(source.stats, st)
         if any(skipped.values()):
             log.warning("epoch %d: skipped samples %s", epoch + 1, skipped)
         # An epoch cut short by max_steps is not counted: resuming re-runs it from its first step.
@@ -179,7 +272,22 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
         log.info("epoch %d: mean loss %s", epoch + 1, ", ".join(f"{v:.4f}" for v in head_losses.tolist()))
     D.barrier()
 
-    results = evaluate_splits(cfg, st, backbone, head, precision, out_dir, head_losses, want_features)
+    if cfg.train.mode == "cached":
+        del backbone  # evaluation reads the cached plain features
+
+        def predict_split(split: str) -> Predictions | None:
+            return predict_cached(root, split, head, st, want_features)
+    else:
+        def predict_split(split: str) -> Predictions | None:
+            loader = build_eval_loader(
+                Path(cfg.data.root) / split, cfg.data, world_size=st.world_size, rank=st.rank,
+                batch_size=cfg.train.eval_batch, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std,
+                device=st.device,
+            )
+            return predict(loader, backbone, head, st, precision, want_features=want_features,
+                           progress=lambda it: progress(it, st.is_main, desc=f"eval {split}"))
+
+    results = evaluate_splits(cfg, st, predict_split, head.num_heads, out_dir, head_losses)
     jsonl.write(kind="eval", **{k: v for k, v in results.items() if k != "predictions"})
     jsonl.close()
     del model, opt
@@ -191,24 +299,18 @@ def choose_head(head_losses: torch.Tensor) -> int:
     return int(torch.argmin(head_losses))
 
 
-def evaluate_splits(cfg: DictConfig, st: D.DistState, backbone: Backbone, head: SCPHead, precision: str,
-                    out_dir: Path, head_losses: torch.Tensor, want_features: bool = False) -> dict:
+def evaluate_splits(cfg: DictConfig, st: D.DistState, predict_split: Callable[[str], Predictions | None],
+                    num_heads: int, out_dir: Path, head_losses: torch.Tensor) -> dict:
     chosen = choose_head(head_losses)
     results: dict = {"chosen_head": chosen, "head_losses": head_losses.tolist(), "splits": {}, "predictions": {}}
     splits = [cfg.data.train_split] + ([cfg.data.test_split] if cfg.data.test_split else [])
     for split in splits:
-        loader = build_eval_loader(
-            Path(cfg.data.root) / split, cfg.data, world_size=st.world_size, rank=st.rank,
-            batch_size=cfg.train.eval_batch, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std,
-            device=st.device,
-        )
-        pred = predict(loader, backbone, head, st, precision, want_features=want_features,
-                       progress=lambda it, s=split: progress(it, st.is_main, desc=f"eval {s}"))
+        pred = predict_split(split)
         if pred is None:
             continue
-        per_head = [pred.scores(h) for h in range(head.num_heads)]
+        per_head = [pred.scores(h) for h in range(num_heads)]
         entry = {"scores": per_head[chosen], "num_samples": len(pred.keys)}
-        if head.num_heads > 1 and per_head[0].get("n"):
+        if num_heads > 1 and per_head[0].get("n"):
             accs = np.array([s["acc"] for s in per_head])
             entry["all_heads"] = per_head
             entry["acc_over_heads"] = {"mean": float(accs.mean()), "std": float(accs.std()),
@@ -224,8 +326,7 @@ def evaluate_splits(cfg: DictConfig, st: D.DistState, backbone: Backbone, head: 
     return results
 
 
-def _global_skip_counts(loader, st: D.DistState) -> dict[str, int]:
-    stats = getattr(loader, "stats", None)
+def _global_skip_counts(stats, st: D.DistState) -> dict[str, int]:
     if stats is None:
         return {}
     names = sorted(stats.as_dict())

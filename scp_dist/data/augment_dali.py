@@ -224,7 +224,7 @@ class DaliViews:
                 keep = [i for i in range(len(raws)) if i not in bad]
                 raws, hws, draws = [raws[i] for i in keep], [hws[i] for i in keep], [draws[i] for i in keep]
         labels = torch.tensor([r.label for r in raws], dtype=torch.int64)
-        out = Batch(views, [r.key for r in raws], labels, skipped, raw=None)
+        out = Batch(views, [r.key for r in raws], labels, skipped, raw=None, indices=[r.index for r in raws])
         if self.return_draws:
             out.draws = {  # type: ignore[attr-defined]
                 "crop": torch.tensor([[d[v].crop is not None for d in draws] for v in range(self.num_views)],

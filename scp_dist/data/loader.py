@@ -46,6 +46,7 @@ class Batch:
     labels: torch.Tensor  # (n,) int64, -1 where unlabeled
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, key, detail)
     raw: list[RawSample] | None = None  # dali backend: bytes still to be decoded
+    indices: list[int] = field(default_factory=list)  # global sample index (canonical order) of each key
 
 
 class LoaderStats:
@@ -98,7 +99,7 @@ class _PlanDataset(Dataset):
         if not self.decode:
             return Batch([], [r.key for r in good], torch.tensor([r.label for r in good], dtype=torch.int64),
                          skipped, raw=good)
-        a, b, keys, labels = [], [], [], []
+        a, b, keys, labels, indices = [], [], [], [], []
         for r in good:
             try:
                 img = decode_rgb(r.image)
@@ -113,11 +114,12 @@ class _PlanDataset(Dataset):
                 a.append(plain_view(img, self.spec))
             keys.append(r.key)
             labels.append(r.label)
+            indices.append(r.index)
         s = self.spec.image_size
         views = [torch.stack(a) if a else _empty(0, s)]
         if self.train:
             views.append(torch.stack(b) if b else _empty(0, s))
-        return Batch(views, keys, torch.tensor(labels, dtype=torch.int64), skipped)
+        return Batch(views, keys, torch.tensor(labels, dtype=torch.int64), skipped, indices=indices)
 
 
 def _identity(x: Any) -> Any:
@@ -202,16 +204,40 @@ class TrainLoader(_Loader):
         return self._rows[1]
 
 
+def _eval_rows(num_samples: int, world_size: int, rank: int, batch_size: int) -> list[np.ndarray]:
+    r = P.eval_range(num_samples, world_size, rank)
+    idx = np.arange(r.start, r.stop, dtype=np.int64)
+    return [idx[i: i + batch_size] for i in range(0, len(idx), batch_size)]
+
+
 class EvalLoader(_Loader):
     def __init__(self, split_dir: Path, data_cfg: Any, spec: ViewSpec, *, world_size: int, rank: int,
                  batch_size: int, device: torch.device) -> None:
         super().__init__(split_dir, data_cfg, spec, False, 0, device)
-        r = P.eval_range(self.manifest.num_samples, world_size, rank)
-        idx = np.arange(r.start, r.stop, dtype=np.int64)
-        self._rows = [idx[i: i + batch_size] for i in range(0, len(idx), batch_size)]
+        self._rows = _eval_rows(self.manifest.num_samples, world_size, rank, batch_size)
 
     def rows(self) -> list[np.ndarray]:
         return self._rows
+
+
+class PairLoader(_Loader):
+    """Every sample of the rank's evaluation range once, as two augmented views drawn exactly as
+    streaming training would draw them in epoch `set_epoch(m)`: the cached-view mode's input."""
+
+    def __init__(self, split_dir: Path, data_cfg: Any, spec: ViewSpec, *, world_size: int, rank: int,
+                 batch_size: int, seed: int, device: torch.device) -> None:
+        super().__init__(split_dir, data_cfg, spec, True, seed, device)
+        self._rows = _eval_rows(self.manifest.num_samples, world_size, rank, batch_size)
+
+    def rows(self) -> list[np.ndarray]:
+        return self._rows
+
+
+def build_pair_loader(split_dir: Path, data_cfg: Any, aug_cfg: Any, *, world_size: int, rank: int,
+                      batch_size: int, image_size: int, mean, std, seed: int, device: torch.device) -> PairLoader:
+    spec = ViewSpec.from_config(aug_cfg, image_size, mean, std)
+    return PairLoader(Path(split_dir), data_cfg, spec, world_size=world_size, rank=rank, batch_size=batch_size,
+                      seed=seed, device=device)
 
 
 def build_train_loader(split_dir: Path, data_cfg: Any, aug_cfg: Any, *, world_size: int, rank: int,
