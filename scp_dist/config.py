@@ -258,7 +258,7 @@ def save_config(cfg: DictConfig, path: Path) -> None:
 
 def config_fingerprint(cfg: DictConfig) -> dict:
     """What a checkpoint must agree with to be resumed: anything that changes parameter shapes or the data."""
-    return {
+    fp = {
         "backbone": OmegaConf.to_container(cfg.backbone),
         "head": OmegaConf.to_container(cfg.head),
         "data.root": cfg.data.root,
@@ -266,3 +266,6 @@ def config_fingerprint(cfg: DictConfig) -> dict:
         "train.epochs": cfg.train.epochs,
         "train.mode": cfg.train.mode,
     }
+    if cfg.train.mode == "cached":
+        fp["cache.num_pairs"] = cfg.cache.num_pairs  # which pair each remaining epoch trains on
+    return fp

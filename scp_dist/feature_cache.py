@@ -1,24 +1,27 @@
 """Cached-view mode (`train.mode=cached`): backbone features of M augmented view pairs per image,
 computed once, so the head can train for any number of epochs without images or the backbone.
 
-Trade-off against streaming: streaming draws fresh views every epoch; cached mode sees the same M
-pairs, cycling (epoch e uses pair e % M, whose views are exactly those streaming would draw in
-epoch e % M), so M bounds the augmentation diversity. The backbone runs 2·M + 1 passes over the
-data once instead of 2 per epoch, so for epochs > M the job is roughly epochs / M times faster, and
-head-only epochs cost almost nothing (BENCHMARKS.md, `head`). Storage: N · D · 2 bytes per view in
-fp16 (CIFAR-10, ViT-B/32, M=8: 50,000 · 512 · 2 · 17 views ≈ 0.9 GB).
+Trade-off against streaming (docs/DESIGN.md, "Cached-view mode"): streaming draws fresh views every
+epoch; cached mode sees the same M pairs, cycling (epoch e uses pair e % M, whose views are exactly
+those streaming would draw in epoch e % M), so M bounds the augmentation diversity. The backbone
+runs over the data 2·M + 1 times once instead of twice per epoch, so for epochs > M the job is
+roughly epochs / M times faster, and head-only epochs cost almost nothing.
 
 Layout of `cache.dir` (default `<run dir>/features`):
 
-    fingerprint.json                 what determines the features; a different config is refused
-    <split>/pair-003.w002.r001.npz   rank 1 of 2's range of pair 3: index, keys, labels, feats (2, n, D)
-    <split>/plain.w002.r000.npz      unaugmented views (evaluation): feats (1, n, D)
-    <split>/pair-003.json            written by rank 0 once every rank's file is in place
+    fingerprint.json                      what determines the features; a cache built otherwise is refused
+    manifest.json                         summary, rewritten by rank 0 after each extraction
+    <split>/pair-003.w002.r001.npy        rank 1 of 2's range of pair 3: (n, 2, D) view a, view b
+    <split>/pair-003.w002.r001.meta.npz   the same rows' global sample index, key, label
+    <split>/plain.w002.r000.npy           unaugmented views (evaluation): (n, 1, D)
+    <split>/pair-003.json                 written by rank 0 once every rank's part is in place
 
-Every file is written to a temp name and renamed, so a crash never leaves a half file; a rerun
-skips kinds that are done and, within an unfinished kind, the ranks' files that exist. A finished
-cache is read by any world size (files are concatenated by global sample index). Corrupt samples
-are skipped at extraction (and counted in the log), so they are simply absent from the cache.
+A part is the `.npy` then its `.meta.npz`, each written to a temp name and renamed; a part counts
+as complete when both open and agree in shape. A rerun skips finished kinds (whose parts still
+check out) and, within an unfinished kind, the ranks' complete parts; missing or truncated files
+are recomputed. A finished cache is read by any world size: parts are memory-mapped and ordered by
+global sample index, so ranks on a node share one copy in the page cache. Corrupt samples are
+skipped at extraction (and counted in the log), so they are absent from the cache.
 """
 
 from __future__ import annotations
@@ -28,36 +31,37 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from scp_dist import distributed as D
+from scp_dist.data import plan as P
 from scp_dist.data.loader import build_eval_loader, build_pair_loader
-from scp_dist.evaluate import autocast_context
+from scp_dist.evaluate import Predictions, autocast_context
 from scp_dist.models.backbones import Backbone
 from scp_dist.runlog import progress
-from scp_dist.shards.manifest import atomic_write_text
+from scp_dist.shards.manifest import ShardError, atomic_write_text, read_manifest
 
 log = logging.getLogger("scp_dist")
 FORMAT = "scp_dist.features/v1"
+# Backbone settings that change speed, not the features: toggling them keeps the cache.
+_SPEED_ONLY = ("compile", "channels_last")
 
 
 class CacheMismatchError(RuntimeError):
-    """An existing cache was built from a different backbone, augmentation, data or seed."""
+    """An existing cache was built from a different backbone, augmentation, data, seed or dtype."""
 
 
-@dataclass
-class SplitFeatures:
-    """One kind (a view pair, or the plain views) of one split, in canonical sample order."""
-
-    index: np.ndarray  # (n,) int64 global sample index, increasing
-    keys: list[str]
-    labels: np.ndarray  # (n,) int64, -1 where unlabeled
-    feats: torch.Tensor  # (V, n, D): V=2 for a pair (view a, view b), 1 for plain
+def pair_kind(m: int) -> str:
+    return f"pair-{m:03d}"
 
 
 def cache_dir(cfg: DictConfig, run_dir: Path) -> Path:
@@ -66,16 +70,19 @@ def cache_dir(cfg: DictConfig, run_dir: Path) -> Path:
 
 def cache_fingerprint(cfg: DictConfig) -> dict:
     """Everything the stored features depend on. num_pairs is not in it: pairs are independent,
-    so raising cache.num_pairs reuses the pairs already there."""
+    so raising cache.num_pairs reuses the pairs already there. The data is identified by its
+    manifests' content (which hold every shard's sha256), not its path, so a moved dataset keeps
+    its cache."""
     manifests = {}
-    for split in filter(None, [cfg.data.train_split, cfg.data.test_split]):
+    for split in dict.fromkeys(filter(None, [cfg.data.train_split, cfg.data.test_split])):
         m = Path(cfg.data.root) / split / "manifest.json"
         manifests[split] = hashlib.sha256(m.read_bytes()).hexdigest()[:16] if m.is_file() else None
+    backbone = OmegaConf.to_container(cfg.backbone)
+    assert isinstance(backbone, dict)
     return {
         "format": FORMAT,
-        "backbone": OmegaConf.to_container(cfg.backbone),
+        "backbone": {k: v for k, v in backbone.items() if k not in _SPEED_ONLY},
         "augment": OmegaConf.to_container(cfg.augment),
-        "data.root": str(Path(cfg.data.root).resolve()),
         "manifests": manifests,
         "seed": cfg.train.seed,
         "dtype": cfg.cache.dtype,
@@ -96,25 +103,81 @@ def check_fingerprint(root: Path, fp: dict, is_main: bool) -> None:
         atomic_write_text(path, json.dumps(fp, indent=1, sort_keys=True))
 
 
-def _rank_file(split_dir: Path, kind: str, world: int, rank: int) -> Path:
-    return split_dir / f"{kind}.w{world:03d}.r{rank:03d}.npz"
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(np.float16 if name == "fp16" else np.float32)
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+def _all_ranks(st: D.DistState, flag: bool) -> bool:
+    """True iff every rank says True; also a synchronisation point, so no rank changes files that
+    another is still checking."""
+    dev = st.device if st.backend == "nccl" else torch.device("cpu")
+    votes = D.sum_detached(torch.tensor(float(flag), dtype=torch.float64, device=dev))
+    return int(votes.item()) == st.world_size
+
+
+# ---------------------------------------------------------------- parts on disk
+
+
+def _stem(kind: str, world: int, rank: int) -> str:
+    return f"{kind}.w{world:03d}.r{rank:03d}"
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _save_part(split_dir: Path, stem: str, feats: np.ndarray, index: np.ndarray, keys: list[str],
+               labels: np.ndarray) -> None:
+    # Features first, metadata last: a part without its .meta.npz is unfinished, whatever else is there.
+    for stale in split_dir.glob(f".{stem}.*.tmp"):  # left by a crash of this rank's previous attempt
+        stale.unlink(missing_ok=True)
+    _atomic_write(split_dir / f"{stem}.npy", lambda f: np.save(f, feats))
+    _atomic_write(split_dir / f"{stem}.meta.npz",
+                  lambda f: np.savez(f, index=index, keys=np.asarray(keys, dtype=str), labels=labels))
+
+
+def _part_rows(split_dir: Path, stem: str, views: int, dim: int, dtype: np.dtype) -> int | None:
+    """Rows of a complete part, or None when it is missing, truncated or of another shape.
+    Cheap: reads the zip directory, the index and the .npy header, never the features."""
+    try:
+        with np.load(split_dir / f"{stem}.meta.npz") as z:
+            if set(z.files) != {"index", "keys", "labels"}:
+                return None
+            n = len(z["index"])
+        feats = np.load(split_dir / f"{stem}.npy", mmap_mode="r")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    return n if feats.shape == (n, views, dim) and feats.dtype == dtype else None
+
+
+def _kind_complete(split_dir: Path, done: Path, views: int, dim: int, dtype: np.dtype) -> bool:
+    if not done.is_file():
+        return False
+    try:
+        parts = json.loads(done.read_text())["parts"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all(_part_rows(split_dir, p["stem"], views, dim, dtype) == p["num"] for p in parts)
+
+
+# ---------------------------------------------------------------- extraction
+
+
 @torch.inference_mode()
-def _extract_rank(loader, backbone: Backbone, st: D.DistState, precision: str, dtype: np.dtype,
-                  desc: str) -> dict[str, np.ndarray]:
-    index, keys, labels, feats = [], [], [], []
+def _extract_rank(loader: Any, backbone: Backbone, st: D.DistState, precision: str, dtype: np.dtype,
+                  views: int, desc: str) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    index: list[int] = []
+    keys: list[str] = []
+    labels, feats = [], []
     for batch in progress(loader, st.is_main, desc=desc):
         if not batch.keys:
             continue
@@ -122,82 +185,226 @@ def _extract_rank(loader, backbone: Backbone, st: D.DistState, precision: str, d
         x = torch.cat(batch.views).to(st.device, non_blocking=True)  # all views in one backbone call
         with autocast_context(st.device, precision):
             f = backbone(x)
-        feats.append(f.float().reshape(len(batch.views), n, -1).cpu().numpy().astype(dtype))
+        # [a; b] -> (n, views, D): one row holds both views of a sample, read together in training.
+        feats.append(f.float().reshape(views, n, -1).transpose(0, 1).cpu().numpy().astype(dtype))
         index.extend(batch.indices)
         keys.extend(batch.keys)
         labels.append(batch.labels.numpy())
     skipped = {k: v for k, v in loader.stats.as_dict().items() if v}
     if skipped:
-        log.warning("%s: skipped samples on rank %d: %s", desc, st.rank, skipped)
-    dim = backbone.feature_dim
-    views = 2 if loader.train else 1
-    return {
-        "index": np.asarray(index, dtype=np.int64),
-        "keys": np.asarray(keys, dtype=str),
-        "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64),
-        "feats": np.concatenate(feats, axis=1) if feats else np.zeros((views, 0, dim), dtype),
-    }
+        log.warning("%s: skipped samples on rank %d: %s (absent from the cache)", desc, st.rank, skipped)
+    return (
+        np.concatenate(feats) if feats else np.zeros((0, views, backbone.feature_dim), dtype),
+        np.asarray(index, dtype=np.int64),
+        keys,
+        np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64),
+    )
 
 
-def _extract_kind(root: Path, split: str, kind: str, make_loader, backbone: Backbone, st: D.DistState,
-                  precision: str, dtype: np.dtype) -> None:
+def _extract_kind(root: Path, split: str, kind: str, views: int, make_loader: Callable[[], Any],
+                  backbone: Backbone, st: D.DistState, precision: str, dtype: np.dtype) -> None:
     split_dir = root / split
     done = split_dir / f"{kind}.json"
-    if done.is_file():
+    dim = backbone.feature_dim
+    if _all_ranks(st, _kind_complete(split_dir, done, views, dim, dtype)):
         return
     split_dir.mkdir(parents=True, exist_ok=True)
-    mine = _rank_file(split_dir, kind, st.world_size, st.rank)
-    if not mine.is_file():
-        arrays = _extract_rank(make_loader(), backbone, st, precision, dtype, f"features {split}/{kind}")
-        _save_npz(mine, **arrays)
-    D.barrier()
+    mine = _stem(kind, st.world_size, st.rank)
+    if _part_rows(split_dir, mine, views, dim, dtype) is None:
+        feats, index, keys, labels = _extract_rank(make_loader(), backbone, st, precision, dtype, views,
+                                                   f"features {split}/{kind}")
+        _save_part(split_dir, mine, feats, index, keys, labels)
+    D.barrier()  # every rank's part is written before anyone looks for them
+    stems = [_stem(kind, st.world_size, r) for r in range(st.world_size)]
+    rows = [_part_rows(split_dir, s, views, dim, dtype) for s in stems]
+    if not _all_ranks(st, all(n is not None for n in rows)):
+        raise RuntimeError(f"feature cache {split_dir}: some rank's {kind} part is not visible here; "
+                           "cache.dir must be on a file system shared by all ranks")
     if st.is_main:
-        files = [_rank_file(split_dir, kind, st.world_size, r).name for r in range(st.world_size)]
-        missing = [f for f in files if not (split_dir / f).is_file()]
-        if missing:
-            raise RuntimeError(f"feature cache {split_dir}: ranks did not write {missing}")
-        atomic_write_text(done, json.dumps({"kind": kind, "files": files}))
+        parts = [{"stem": s, "num": n} for s, n in zip(stems, rows, strict=True)]
+        atomic_write_text(done, json.dumps({"kind": kind, "views": views, "dim": dim, "dtype": str(dtype),
+                                            "num": sum(p["num"] for p in parts), "parts": parts}, indent=1))
+        for f in split_dir.glob(f"{kind}.w*.r*.*"):  # parts written under another world size
+            if f.name.removesuffix(".npy").removesuffix(".meta.npz") not in stems:
+                f.unlink(missing_ok=True)
     D.barrier()
 
 
-def extract_features(cfg: DictConfig, st: D.DistState, backbone: Backbone, root: Path, precision: str) -> None:
-    """Write (or complete) the cache: M view pairs of the train split, plain views of every split."""
-    check_fingerprint(root, cache_fingerprint(cfg), st.is_main)
+def extract_features(cfg: DictConfig, st: D.DistState, backbone: Backbone, root: Path, precision: str) -> dict:
+    """Write (or complete) the cache: M view pairs of the train split, plain views of every split.
+    Collective: every rank calls it. Returns the cache manifest (rank 0 writes it)."""
+    fp = cache_fingerprint(cfg)
+    check_fingerprint(root, fp, st.is_main)
     D.barrier()
-    check_fingerprint(root, cache_fingerprint(cfg), st.is_main)  # the other ranks check what rank 0 wrote
-    dtype = np.float16 if cfg.cache.dtype == "fp16" else np.float32
+    check_fingerprint(root, fp, st.is_main)  # the other ranks check what rank 0 wrote
+    dtype = _np_dtype(cfg.cache.dtype)
     data_root = Path(cfg.data.root)
     common = dict(world_size=st.world_size, rank=st.rank, batch_size=cfg.cache.batch_size,
                   image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, device=st.device)
-    train_dir = data_root / cfg.data.train_split
+
+    def pair_loader(m: int) -> Any:
+        loader = build_pair_loader(data_root / cfg.data.train_split, cfg.data, cfg.augment, seed=cfg.train.seed,
+                                   **common)
+        loader.set_epoch(m)  # pair m = the views streaming training draws in epoch m
+        return loader
+
+    def plain_loader(split: str) -> Any:
+        return build_eval_loader(data_root / split, cfg.data, **common)
+
     for m in range(cfg.cache.num_pairs):
-        def pair_loader(m: int = m):
-            loader = build_pair_loader(train_dir, cfg.data, cfg.augment, seed=cfg.train.seed, **common)
-            loader.set_epoch(m)  # pair m = the views streaming training draws in epoch m
-            return loader
+        _extract_kind(root, cfg.data.train_split, pair_kind(m), 2, partial(pair_loader, m), backbone, st,
+                      precision, dtype)
+    splits = list(dict.fromkeys(filter(None, [cfg.data.train_split, cfg.data.test_split])))
+    for split in splits:
+        _extract_kind(root, split, "plain", 1, partial(plain_loader, split), backbone, st, precision, dtype)
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fp,
+        "backbone": {"name": backbone.name, "feature_dim": backbone.feature_dim, "image_size": backbone.image_size},
+        "dtype": cfg.cache.dtype,
+        "splits": {s: {"num_samples": read_manifest(data_root / s).num_samples,
+                       "kinds": {d.stem: json.loads(d.read_text()) for d in sorted((root / s).glob("*.json"))}}
+                   for s in splits},
+    }
+    if st.is_main:
+        atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=1))
+    D.barrier()
+    return manifest
 
-        _extract_kind(root, cfg.data.train_split, f"pair-{m:03d}", pair_loader, backbone, st, precision, dtype)
-    for split in filter(None, [cfg.data.train_split, cfg.data.test_split]):
-        _extract_kind(root, split, "plain", lambda s=split: build_eval_loader(data_root / s, cfg.data, **common),
-                      backbone, st, precision, dtype)
+
+# ---------------------------------------------------------------- reading
 
 
-def load_kind(root: Path, split: str, kind: str) -> SplitFeatures:
+@dataclass
+class SplitFeatures:
+    """One kind (a view pair, or the plain views) of one split, in canonical sample order.
+    Features stay memory-mapped per part; `take` reads the rows a step needs."""
+
+    index: np.ndarray  # (n,) int64 global sample index, increasing
+    keys: list[str] | None  # None when loaded without keys (training does not need them)
+    labels: np.ndarray | None  # (n,) int64, -1 where unlabeled
+    parts: list[np.ndarray]  # (n_p, V, D) memory-mapped, in index order
+    starts: np.ndarray  # first row of each part
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), V, D) features of the given rows (positions, not sample indices), in that order."""
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), *self.parts[0].shape[1:]), dtype=self.parts[0].dtype)
+        for p in np.unique(which):
+            sel = which == p
+            out[sel] = self.parts[p][rows[sel] - self.starts[p]]
+        return out
+
+    @property
+    def feats(self) -> torch.Tensor:
+        """(V, n, D) in the stored dtype, all in memory: for evaluation (V = 1) and tests."""
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate(self.parts).transpose(1, 0, 2)))
+
+
+def load_kind(root: Path, split: str, kind: str, with_keys: bool = True) -> SplitFeatures:
     """A finished kind, from however many ranks wrote it, in canonical order."""
     split_dir = root / split
     done = split_dir / f"{kind}.json"
     if not done.is_file():
         raise FileNotFoundError(f"feature cache {split_dir}: {kind} was not finished (no {done.name})")
-    parts = []
-    for name in json.loads(done.read_text())["files"]:
-        with np.load(split_dir / name) as z:
-            parts.append({k: z[k] for k in ("index", "keys", "labels", "feats")})
-    index = np.concatenate([p["index"] for p in parts])
-    order = np.argsort(index, kind="stable")
-    feats = np.concatenate([p["feats"] for p in parts], axis=1)[:, order]
+    meta = json.loads(done.read_text())
+    loaded = []
+    for p in meta["parts"]:
+        if not p["num"]:
+            continue  # a rank whose whole range was skipped
+        with np.load(split_dir / f"{p['stem']}.meta.npz") as z:
+            extra = (z["keys"], z["labels"]) if with_keys else (None, None)
+            loaded.append((z["index"], *extra, np.load(split_dir / f"{p['stem']}.npy", mmap_mode="r")))
+    if not loaded:
+        raise ShardError(f"feature cache {split_dir}: {kind} holds no samples")
+    loaded.sort(key=lambda t: int(t[0][0]))
+    index = np.concatenate([t[0] for t in loaded])
+    if np.any(np.diff(index) <= 0):
+        raise ShardError(f"feature cache {split_dir}: {kind} parts overlap; delete the cache")
     return SplitFeatures(
-        index=index[order],
-        keys=[str(k) for k in np.concatenate([p["keys"] for p in parts])[order]],
-        labels=np.concatenate([p["labels"] for p in parts])[order].astype(np.int64),
-        feats=torch.from_numpy(np.ascontiguousarray(feats)),
+        index=index,
+        keys=[str(k) for t in loaded for k in t[1]] if with_keys else None,
+        labels=np.concatenate([t[2] for t in loaded]).astype(np.int64) if with_keys else None,
+        parts=[t[3] for t in loaded],
+        starts=np.cumsum([0] + [len(t[0]) for t in loaded[:-1]]).astype(np.int64),
     )
+
+
+class _AbsentCounts:
+    """Samples the plan asked for that the cache lacks (skipped at extraction), this epoch."""
+
+    def __init__(self) -> None:
+        self.absent = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"absent_from_cache": self.absent}
+
+
+class CachedFeatures:
+    """Per step: the streaming job's plan (plan.py) for this rank, read from cached pair epoch % M
+    and yielded as ([view a; view b] float32 features, n), like the streaming feature source."""
+
+    def __init__(self, cfg: DictConfig, st: D.DistState, root: Path) -> None:
+        self.cfg, self.st, self.root = cfg, st, root
+        manifest = read_manifest(Path(cfg.data.root) / cfg.data.train_split)
+        self.counts = [s.num_samples for s in manifest.shards]
+        self.num_samples = manifest.num_samples
+        if self.num_samples < cfg.train.global_batch:
+            raise ShardError(f"{cfg.data.train_split}: {self.num_samples} samples, fewer than "
+                             f"train.global_batch={cfg.train.global_batch}: an epoch would have no step")
+        self.steps = P.steps_per_epoch(self.num_samples, cfg.train.global_batch)
+        self.stats = _AbsentCounts()
+        self.epoch = 0
+        self._pair: tuple[int, SplitFeatures, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stats.absent = 0
+
+    def _load_pair(self) -> tuple[SplitFeatures, np.ndarray]:
+        m = self.epoch % self.cfg.cache.num_pairs
+        if self._pair is None or self._pair[0] != m:
+            pair = load_kind(self.root, self.cfg.data.train_split, pair_kind(m), with_keys=False)
+            row_of = np.full(self.num_samples, -1, dtype=np.int64)  # global index -> row; -1: absent
+            row_of[pair.index] = np.arange(len(pair.index))
+            self._pair = (m, pair, row_of)
+        return self._pair[1], self._pair[2]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        pair, row_of = self._load_pair()
+        cfg = self.cfg
+        for indices in P.train_plan(self.counts, cfg.train.global_batch, self.st.world_size, self.st.rank,
+                                    cfg.train.seed, self.epoch, cfg.data.shuffle_buffer):
+            rows = row_of[indices]
+            self.stats.absent += int((rows < 0).sum())
+            f = torch.from_numpy(pair.take(rows[rows >= 0]))  # (n, 2, D)
+            feats = torch.cat([f[:, 0], f[:, 1]])  # [a; b], as the head sees streamed views
+            yield feats.to(self.st.device, torch.float32, non_blocking=True), len(f)
+
+
+def predict_cached(root: Path, split: str, *, head: torch.nn.Module, st: D.DistState,
+                   want_features: bool = False) -> Predictions | None:
+    """Rank 0 clusters the cached plain features of a split (the head is tiny); the others return None."""
+    if not st.is_main:
+        return None
+    plain = load_kind(root, split, "plain")
+    feats = plain.feats[0]
+    was_training = head.training
+    head.eval()
+    clusters, conf = [], []
+    with torch.no_grad():
+        for chunk in feats.split(8192):
+            c, k = head(chunk.to(st.device, torch.float32)).float().softmax(-1).max(-1)
+            clusters.append(k.cpu().numpy())
+            conf.append(c.cpu().numpy())
+    head.train(was_training)
+    assert plain.keys is not None and plain.labels is not None
+    return Predictions(keys=plain.keys, labels=plain.labels, clusters=np.concatenate(clusters, axis=1),
+                       confidence=np.concatenate(conf, axis=1),
+                       features=feats.float().numpy() if want_features else None)

@@ -10,6 +10,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scp_dist import distributed as D
 from scp_dist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from scp_dist.config import check_world_size, config_fingerprint, load_config, run_dir, save_config
-from scp_dist.data import plan as P
 from scp_dist.data.loader import TrainLoader, build_eval_loader, build_train_loader
 from scp_dist.evaluate import (
     Predictions,
@@ -30,13 +30,12 @@ from scp_dist.evaluate import (
     write_assignments,
     write_json,
 )
-from scp_dist.feature_cache import SplitFeatures, cache_dir, extract_features, load_kind
+from scp_dist.feature_cache import CachedFeatures, cache_dir, extract_features, predict_cached
 from scp_dist.loss import scp_loss
 from scp_dist.models.backbones import Backbone, build_backbone
 from scp_dist.models.head import SCPHead
 from scp_dist.runlog import JsonlLog, log, progress, setup_logging
 from scp_dist.schedule import lr_at
-from scp_dist.shards.manifest import read_manifest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,62 +104,16 @@ class StreamFeatures:
             yield feats, len(batch.keys)
 
 
-class CachedFeatures:
-    """Per step: the same plan as streaming (plan.py), read from cached features of pair epoch % M."""
-
-    def __init__(self, cfg: DictConfig, st: D.DistState, root: Path) -> None:
-        self.cfg, self.st, self.root = cfg, st, root
-        manifest = read_manifest(Path(cfg.data.root) / cfg.data.train_split)
-        self.counts = [s.num_samples for s in manifest.shards]
-        self.num_samples = manifest.num_samples
-        self.steps = P.steps_per_epoch(self.num_samples, cfg.train.global_batch)
-        self.stats = None  # bad samples were skipped (and logged) at extraction
-        self.epoch = 0
-        self._pair: tuple[int, SplitFeatures, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _load_pair(self) -> tuple[SplitFeatures, np.ndarray]:
-        m = self.epoch % self.cfg.cache.num_pairs
-        if self._pair is None or self._pair[0] != m:
-            pair = load_kind(self.root, self.cfg.data.train_split, f"pair-{m:03d}")
-            row_of = np.full(self.num_samples, -1, dtype=np.int64)  # global index -> row; -1: skipped sample
-            row_of[pair.index] = np.arange(len(pair.index))
-            self._pair = (m, pair, row_of)
-        return self._pair[1], self._pair[2]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        pair, row_of = self._load_pair()
-        cfg = self.cfg
-        for rows in P.train_plan(self.counts, cfg.train.global_batch, self.st.world_size, self.st.rank,
-                                 cfg.train.seed, self.epoch, cfg.data.shuffle_buffer):
-            pos = row_of[rows]
-            pos = torch.from_numpy(pos[pos >= 0])
-            feats = pair.feats[:, pos].reshape(-1, pair.feats.shape[-1])  # [a; b]
-            yield feats.to(self.st.device, torch.float32, non_blocking=True), len(pos)
-
-
-def predict_cached(root: Path, split: str, head: SCPHead, st: D.DistState, want_features: bool) -> Predictions | None:
-    """Rank 0 clusters the cached plain features of a split (the head is tiny); the others return None."""
-    if not st.is_main:
-        return None
-    plain = load_kind(root, split, "plain")
-    was_training = head.training
-    head.eval()
-    clusters, conf = [], []
-    with torch.no_grad():
-        for chunk in plain.feats[0].split(8192):
-            c, k = head(chunk.to(st.device, torch.float32)).float().softmax(-1).max(-1)
-            clusters.append(k.cpu().numpy())
-            conf.append(c.cpu().numpy())
-    head.train(was_training)
-    return Predictions(keys=plain.keys, labels=plain.labels, clusters=np.concatenate(clusters, axis=1),
-                       confidence=np.concatenate(conf, axis=1),
-                       features=plain.feats[0].float().numpy() if want_features else None)
+def predict_stream(cfg: DictConfig, st: D.DistState, backbone: Backbone, head: SCPHead, precision: str,
+                   want_features: bool, split: str) -> Predictions | None:
+    """Every sample of a split once, unaugmented, through backbone and head; rank 0 gets the result."""
+    loader = build_eval_loader(
+        Path(cfg.data.root) / split, cfg.data, world_size=st.world_size, rank=st.rank,
+        batch_size=cfg.train.eval_batch, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std,
+        device=st.device,
+    )
+    return predict(loader, backbone, head, st, precision, want_features=want_features,
+                   progress=lambda it: progress(it, st.is_main, desc=f"eval {split}"))
 
 
 def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict:
@@ -185,10 +138,15 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
     )
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
+    predict_split: Callable[[str], Predictions | None]
     if cfg.train.mode == "cached":
         root = cache_dir(cfg, out_dir)
         extract_features(cfg, st, backbone, root, precision)
+        del backbone  # training and evaluation read the cache: give the backbone's memory back now
+        if st.device.type == "cuda":
+            torch.cuda.empty_cache()
         source: StreamFeatures | CachedFeatures = CachedFeatures(cfg, st, root)
+        predict_split = partial(predict_cached, root, head=head, st=st, want_features=want_features)
     else:
         loader = build_train_loader(
             Path(cfg.data.root) / cfg.data.train_split, cfg.data, cfg.augment,
@@ -196,6 +154,7 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
             image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, seed=cfg.train.seed, device=st.device,
         )
         source = StreamFeatures(loader, backbone, st.device, precision)
+        predict_split = partial(predict_stream, cfg, st, backbone, head, precision, want_features)
     steps_per_epoch = len(source)
     total_steps = steps_per_epoch * cfg.train.epochs  # the schedule's length; max_steps only stops early
     stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
@@ -271,21 +230,6 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
         jsonl.write(kind="epoch", epoch=epoch, step=step, loss=head_losses.tolist(), skipped=skipped)
         log.info("epoch %d: mean loss %s", epoch + 1, ", ".join(f"{v:.4f}" for v in head_losses.tolist()))
     D.barrier()
-
-    if cfg.train.mode == "cached":
-        del backbone  # evaluation reads the cached plain features
-
-        def predict_split(split: str) -> Predictions | None:
-            return predict_cached(root, split, head, st, want_features)
-    else:
-        def predict_split(split: str) -> Predictions | None:
-            loader = build_eval_loader(
-                Path(cfg.data.root) / split, cfg.data, world_size=st.world_size, rank=st.rank,
-                batch_size=cfg.train.eval_batch, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std,
-                device=st.device,
-            )
-            return predict(loader, backbone, head, st, precision, want_features=want_features,
-                           progress=lambda it: progress(it, st.is_main, desc=f"eval {split}"))
 
     results = evaluate_splits(cfg, st, predict_split, head.num_heads, out_dir, head_losses)
     jsonl.write(kind="eval", **{k: v for k, v in results.items() if k != "predictions"})

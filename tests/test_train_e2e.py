@@ -30,6 +30,7 @@ def overrides(tmp: Path, data_root: Path, **kw) -> list[str]:
         "train.log_every": 1,
         "data.num_workers": 0,
         "data.loader": "torch",
+        "train.mode": "stream",  # the demo config's recipe is cached; these tests exercise streaming
     }
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,193 @@
+"""Cached-view mode: the cached features are the streaming views' features, independent of the world
+size, resumable, refused when built from another config; the job trains, resumes and evaluates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scp_dist.config import load_config
+from scp_dist.data.augment_torch import ViewSpec, decode_rgb, sample_rng, two_views
+from scp_dist.data.reader import SampleReader
+from scp_dist.distributed import DistState
+from scp_dist.feature_cache import CacheMismatchError, extract_features, load_kind
+from scp_dist.models.backbones import build_backbone
+from scp_dist.shards.manifest import read_manifest
+from scp_dist.train import train
+from tests.dist_helpers import run_gloo
+from tests.test_train_e2e import head_params, overrides, run_cli
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory) -> Path:
+    from scp_dist.shards.sources import prepare_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    prepare_digits(root)
+    return root
+
+
+def cached_cfg(tmp: Path, data_root: Path, **kw):
+    base = {"train.mode": "cached", "cache.num_pairs": 2, "cache.dtype": "fp32", "cache.dir": str(tmp / "cache")}
+    base.update(kw)
+    return load_config("demo_digits", overrides(tmp, data_root, **base))
+
+
+def _extract(cfg) -> Path:
+    st = DistState()
+    backbone = build_backbone(cfg.backbone)
+    extract_features(cfg, st, backbone, Path(cfg.cache.dir), "fp32")
+    return Path(cfg.cache.dir)
+
+
+def test_pair_m_holds_the_views_streaming_draws_in_epoch_m(tmp_path, digits_root):
+    cfg = cached_cfg(tmp_path, digits_root)
+    root = _extract(cfg)
+    backbone = build_backbone(cfg.backbone)
+    spec = ViewSpec.from_config(cfg.augment, backbone.image_size, backbone.mean, backbone.std)
+    reader = SampleReader(read_manifest(digits_root / "train"))
+    for m in (0, 1):
+        pair = load_kind(root, "train", f"pair-{m:03d}")
+        assert pair.feats.shape == (2, 1797, backbone.feature_dim)
+        assert (pair.index == np.arange(1797)).all()
+        for i in (0, 500, 1796):
+            a, b = two_views(decode_rgb(reader.read(i).image), spec, sample_rng(cfg.train.seed, m, i))
+            with torch.no_grad():
+                want = backbone(torch.stack([a, b]))
+            torch.testing.assert_close(pair.feats[:, i], want)
+    p0, p1 = (load_kind(root, "train", f"pair-{m:03d}").feats for m in (0, 1))
+    assert not torch.equal(p0, p1)  # different epochs, different views
+    plain = load_kind(root, "train", "plain")
+    assert plain.feats.shape == (1, 1797, backbone.feature_dim) and plain.keys[0] == reader.read(0).key
+
+
+def _extract_rank(rank: int, world: int, cfg_path: str) -> None:
+    from omegaconf import OmegaConf
+
+    from scp_dist import distributed as D
+
+    cfg = OmegaConf.load(cfg_path)
+    st = D.DistState(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+    extract_features(cfg, st, build_backbone(cfg.backbone), Path(cfg.cache.dir), "fp32")
+
+
+def test_two_ranks_write_the_same_cache_as_one(tmp_path, digits_root):
+    from omegaconf import OmegaConf
+
+    one = _extract(cached_cfg(tmp_path / "w1", digits_root))
+    cfg2 = cached_cfg(tmp_path / "w2", digits_root)
+    cfg_path = tmp_path / "cfg2.yaml"
+    OmegaConf.save(cfg2, cfg_path)
+    run_gloo(_extract_rank, 2, str(cfg_path))
+    two = Path(cfg2.cache.dir)
+    assert len(list((two / "train").glob("pair-000.w002.r*.npy"))) == 2
+    for kind in ("pair-000", "pair-001", "plain"):
+        a, b = load_kind(one, "train", kind), load_kind(two, "train", kind)
+        assert (a.index == b.index).all() and a.keys == b.keys and (a.labels == b.labels).all()
+        torch.testing.assert_close(a.feats, b.feats)
+    pair = load_kind(two, "train", "pair-000", with_keys=False)  # two memory-mapped parts
+    rows = np.array([1796, 0, 899, 898, 5])  # rank 0 holds 0..898, rank 1 899..1796
+    torch.testing.assert_close(torch.from_numpy(pair.take(rows)), pair.feats[:, rows].transpose(0, 1))
+
+
+def test_rerun_skips_done_work_redoes_missing_and_refuses_other_configs(tmp_path, digits_root):
+    cfg = cached_cfg(tmp_path, digits_root)
+    root = _extract(cfg)
+    man = json.loads((root / "manifest.json").read_text())
+    assert man["backbone"] == {"name": "pixels", "feature_dim": 192, "image_size": 8}
+    assert set(man["splits"]["train"]["kinds"]) == {"pair-000", "pair-001", "plain"}
+    assert man["splits"]["train"]["kinds"]["pair-001"]["num"] == 1797
+    train_dir = root / "train"
+    files = sorted(train_dir.glob("*.np[yz]"))
+    assert len(files) == 6  # (pair-000, pair-001, plain) x (features, meta)
+
+    def unchanged(redone: set[str]) -> bool:
+        return all(f.stat().st_mtime_ns == t for f, t in mtimes.items() if f.name not in redone)
+
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    _extract(cfg)
+    assert {f: f.stat().st_mtime_ns for f in files} == mtimes
+    # A crash after the features but before the metadata and the done marker: that part is redone.
+    (train_dir / "pair-001.json").unlink()
+    (train_dir / "pair-001.w001.r000.meta.npz").unlink()
+    _extract(cfg)
+    assert (train_dir / "pair-001.w001.r000.meta.npz").is_file() and (train_dir / "pair-001.json").is_file()
+    assert unchanged({"pair-001.w001.r000.npy", "pair-001.w001.r000.meta.npz"})
+    # A finished kind whose file was truncated afterwards: found on the next run and redone.
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    feats = train_dir / "pair-000.w001.r000.npy"
+    feats.write_bytes(feats.read_bytes()[:1000])
+    _extract(cfg)
+    assert load_kind(root, "train", "pair-000").feats.shape == (2, 1797, 192)
+    assert unchanged({"pair-000.w001.r000.npy", "pair-000.w001.r000.meta.npz"})
+    # More pairs reuse the ones there; another augmentation is refused.
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    _extract(cached_cfg(tmp_path, digits_root, **{"cache.num_pairs": 3}))
+    assert (train_dir / "pair-002.json").is_file()
+    assert unchanged(set())
+    # Speed-only backbone settings keep the cache.
+    _extract(cached_cfg(tmp_path, digits_root, **{"backbone.channels_last": "false"}))
+    assert unchanged(set())
+    with pytest.raises(CacheMismatchError, match="augment"):
+        _extract(cached_cfg(tmp_path, digits_root, **{"augment.crop_p": 0.9}))
+
+
+def test_cached_job_trains_resumes_and_evaluates(tmp_path, digits_root):
+    st = DistState()
+    straight = cached_cfg(tmp_path, digits_root, **{"output.run_name": "straight", "train.epochs": 3})
+    res = train(straight, st)
+    scores = res["splits"]["train"]["scores"]
+    assert scores["n"] == 1797 and 0.0 <= scores["acc"] <= 1.0
+    ev = json.loads((tmp_path / "runs" / "straight" / "eval.json").read_text())
+    assert ev["splits"]["train"]["scores"] == scores
+    # Stop after epoch 1, resume: the same head as the straight run (features come from the same cache).
+    steps = 1797 // 256
+    train(cached_cfg(tmp_path, digits_root, **{"output.run_name": "resumed", "train.epochs": 3,
+                                               "train.max_steps": steps}), st)
+    train(cached_cfg(tmp_path, digits_root, **{"output.run_name": "resumed", "train.epochs": 3,
+                                               "train.resume": "true"}), st)
+    a, b = head_params(tmp_path / "runs" / "straight"), head_params(tmp_path / "runs" / "resumed")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cached_mode_under_torchrun(tmp_path, digits_root):
+    args = overrides(tmp_path, digits_root, **{"train.mode": "cached", "cache.num_pairs": 1,
+                                               "output.run_name": "tr"})
+    proc = run_cli(["--config", "demo_digits", *args], torchrun=2)
+    assert "ACC" in proc.stdout
+    files = sorted(p.name for p in (tmp_path / "runs" / "tr" / "features" / "train").glob("*.npy"))
+    assert files == ["pair-000.w002.r000.npy", "pair-000.w002.r001.npy", "plain.w002.r000.npy", "plain.w002.r001.npy"]
+
+
+def test_bad_samples_are_absent_from_the_cache_and_counted(tmp_path):
+    from scp_dist.feature_cache import CachedFeatures
+    from tests.test_data import _bad_dataset
+
+    data = tmp_path / "bad"
+    _bad_dataset(data / "train")
+    cfg = load_config("demo_digits", overrides(tmp_path, data, **{
+        "data.prepare": "", "data.test_split": "", "train.global_batch": 10, "train.mode": "cached",
+        "cache.num_pairs": 1, "cache.dir": str(tmp_path / "cache")}))
+    root = _extract(cfg)
+    pair, plain = load_kind(root, "train", "pair-000"), load_kind(root, "train", "plain")
+    assert pair.keys == plain.keys and "k003" not in pair.keys and "k005" not in pair.keys
+    assert set(pair.keys) >= {f"k{i:03d}" for i in range(20, 30)}
+    source = CachedFeatures(cfg, DistState(), root)
+    source.set_epoch(0)
+    used = sum(n for _, n in source)
+    assert used == len(pair) and source.stats.as_dict() == {"absent_from_cache": 30 - len(pair)}
+
+
+def test_stream_checkpoint_is_not_resumed_in_cached_mode(tmp_path, digits_root):
+    from scp_dist.checkpoint import CheckpointError
+
+    st = DistState()
+    train(load_config("demo_digits", overrides(tmp_path, digits_root, **{
+        "output.run_name": "m", "train.max_steps": 1})), st)
+    with pytest.raises(CheckpointError, match="train.mode"):
+        train(cached_cfg(tmp_path, digits_root, **{"output.run_name": "m", "train.resume": "true"}), st)
