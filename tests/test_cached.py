@@ -12,6 +12,7 @@ import torch
 
 from scp_dist.config import load_config
 from scp_dist.data.augment_torch import ViewSpec, decode_rgb, sample_rng, two_views
+from scp_dist.data.loader import build_train_loader
 from scp_dist.data.reader import SampleReader
 from scp_dist.distributed import DistState
 from scp_dist.feature_cache import CacheMismatchError, extract_features, load_kind
@@ -59,6 +60,16 @@ def test_pair_m_holds_the_views_streaming_draws_in_epoch_m(tmp_path, digits_root
             with torch.no_grad():
                 want = backbone(torch.stack([a, b]))
             torch.testing.assert_close(pair.feats[:, i], want)
+        # The streaming job's own loader in epoch m: its first batch's views, through the backbone.
+        stream = build_train_loader(digits_root / "train", cfg.data, cfg.augment, world_size=1, rank=0,
+                                    global_batch=cfg.train.global_batch, image_size=backbone.image_size,
+                                    mean=backbone.mean, std=backbone.std, seed=cfg.train.seed,
+                                    device=torch.device("cpu"))
+        stream.set_epoch(m)
+        batch = next(iter(stream))
+        with torch.no_grad():
+            want = torch.stack([backbone(v) for v in batch.views], dim=1)  # (n, 2, D)
+        torch.testing.assert_close(torch.from_numpy(pair.take(np.asarray(batch.indices))), want)
     p0, p1 = (load_kind(root, "train", f"pair-{m:03d}").feats for m in (0, 1))
     assert not torch.equal(p0, p1)  # different epochs, different views
     plain = load_kind(root, "train", "plain")
@@ -160,6 +171,8 @@ def test_cached_mode_under_torchrun(tmp_path, digits_root):
                                                "output.run_name": "tr"})
     proc = run_cli(["--config", "demo_digits", *args], torchrun=2)
     assert "ACC" in proc.stdout
+    ev = json.loads((tmp_path / "runs" / "tr" / "eval.json").read_text())
+    assert ev["splits"]["train"]["num_samples"] == 1797 and {"acc", "nmi", "ari"} <= ev["splits"]["train"]["scores"].keys()
     files = sorted(p.name for p in (tmp_path / "runs" / "tr" / "features" / "train").glob("*.npy"))
     assert files == ["pair-000.w002.r000.npy", "pair-000.w002.r001.npy", "plain.w002.r000.npy", "plain.w002.r001.npy"]
 
