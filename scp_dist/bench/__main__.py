@@ -4,7 +4,9 @@
   step     full training step vs backbone-only forward (images/s, ratio; goal >= 0.9)
   scaling  images/s of the training job (torchrun) with 1 and 2 ranks, ratio to linear
   head     head training on cached CIFAR-10-sized features (30 epochs), optionally H heads at once
-  all      the four above in sequence with their defaults
+  fashion  clustering quality: Fashion-MNIST, EfficientNet-Lite0, k-means vs SCP over seeds (~30 min on
+           a 2-core CPU; also writes benchmarks/fashion_mnist.md); not part of `all`
+  all      data, step, scaling and head in sequence with their defaults
   report   only rebuild BENCHMARKS.md from the stored results
 
 Results go to <results-dir>/<name>-<host kind>.json (host kind: cpu or the GPU's name) and the
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scp_dist.bench import common as C
-from scp_dist.bench import data, head, scaling, step
+from scp_dist.bench import data, fashion, head, scaling, step
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], C.BenchResult]
@@ -28,7 +30,12 @@ BENCHMARKS: dict[str, tuple[AddArgs, Run, str]] = {
     "step": (step.add_args, step.run, "training step vs backbone-only forward"),
     "scaling": (scaling.add_args, scaling.run, "training job images/s with 1 and 2 ranks"),
     "head": (head.add_args, head.run, "head training on cached CIFAR-10-sized features"),
+    "fashion": (fashion.add_args, fashion.run, "Fashion-MNIST clustering quality: k-means vs SCP over seeds"),
 }
+# `all`: the throughput benchmarks; `fashion` is a half-hour quality run, started on its own.
+ALL = ("data", "step", "scaling", "head")
+# Run after the JSON is written, with the final record (fashion writes its own markdown report).
+AFTER: dict[str, Callable[[C.BenchResult, argparse.Namespace], None]] = {"fashion": fashion.after_finish}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -54,7 +61,10 @@ def run_one(name: str, args: argparse.Namespace) -> C.BenchResult:
     t0 = time.perf_counter()
     print(f"== scp-bench {name} on {C.host_kind()}: {C.describe_machine(C.machine_info())}", flush=True)
     result = BENCHMARKS[name][1](args)
-    return C.finish(result, args.results_dir, None if args.no_markdown else args.markdown, t0)
+    result = C.finish(result, args.results_dir, None if args.no_markdown else args.markdown, t0)
+    if name in AFTER:
+        AFTER[name](result, args)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"updated {C.update_markdown(args.results_dir, args.markdown)}")
         return 0
     if args.name == "all":
-        for name in BENCHMARKS:
+        for name in ALL:
             sub_args = parser.parse_args([name, "--results-dir", str(args.results_dir), "--markdown",
                                           str(args.markdown), *(["--no-markdown"] if args.no_markdown else [])])
             run_one(name, sub_args)
