@@ -14,6 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Backbone keys that change speed or memory, never the features: toggling them keeps a feature
+# cache and lets a checkpoint resume.
+BACKBONE_SPEED_ONLY = ("compile", "channels_last", "max_batch", "shrink_on_oom")
 
 
 class ConfigError(ValueError):
@@ -56,6 +59,12 @@ class BackboneConfig:
     image_size: int = 0  # 0 = the model's default input size
     compile: bool = False  # torch.compile the frozen forward
     channels_last: bool = True
+    # Images per frozen forward call: 0 = the whole batch at once. Chunking changes memory, not the
+    # features (the backbone is in eval mode, so no batch statistics), nor the loss.
+    max_batch: int = 0
+    # On a GPU out-of-memory error in the frozen forward: halve the chunk, retry, and keep the size
+    # that fits for the rest of the run (batch-size autotune that costs nothing when memory suffices).
+    shrink_on_oom: bool = True
     mix: list[Any] = field(default_factory=list)  # for name=mix: a list of backbone configs
 
 
@@ -227,6 +236,7 @@ def validate(cfg: DictConfig) -> None:
         f"unknown backbone {cfg.backbone.name!r} (pixels | open_clip | timm | mix)",
     )
     _check(cfg.backbone.image_size >= 0, "backbone.image_size", "must be >= 0")
+    _check(cfg.backbone.max_batch >= 0, "backbone.max_batch", "must be >= 0 (0 = the whole batch)")
     if cfg.backbone.name == "mix":
         _check(len(cfg.backbone.mix) >= 2, "backbone.mix", "mix needs a list of at least two backbone configs")
     if cfg.backbone.name in ("open_clip", "timm"):
@@ -256,10 +266,15 @@ def save_config(cfg: DictConfig, path: Path) -> None:
     atomic_write_text(path, OmegaConf.to_yaml(cfg))
 
 
+def backbone_identity(backbone: DictConfig) -> dict:
+    """The backbone config less its speed-only keys: what the features depend on."""
+    return {k: v for k, v in OmegaConf.to_container(backbone).items() if k not in BACKBONE_SPEED_ONLY}
+
+
 def config_fingerprint(cfg: DictConfig) -> dict:
     """What a checkpoint must agree with to be resumed: anything that changes parameter shapes or the data."""
     fp = {
-        "backbone": OmegaConf.to_container(cfg.backbone),
+        "backbone": backbone_identity(cfg.backbone),
         "head": OmegaConf.to_container(cfg.head),
         "data.root": cfg.data.root,
         "train.global_batch": cfg.train.global_batch,

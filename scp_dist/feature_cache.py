@@ -43,6 +43,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from scp_dist import distributed as D
+from scp_dist.config import backbone_identity
 from scp_dist.data import plan as P
 from scp_dist.data.loader import build_eval_loader, build_pair_loader
 from scp_dist.evaluate import Predictions, autocast_context
@@ -52,8 +53,6 @@ from scp_dist.shards.manifest import ShardError, atomic_write_text, read_manifes
 
 log = logging.getLogger("scp_dist")
 FORMAT = "scp_dist.features/v1"
-# Backbone settings that change speed, not the features: toggling them keeps the cache.
-_SPEED_ONLY = ("compile", "channels_last")
 
 
 class CacheMismatchError(RuntimeError):
@@ -77,11 +76,9 @@ def cache_fingerprint(cfg: DictConfig) -> dict:
     for split in dict.fromkeys(filter(None, [cfg.data.train_split, cfg.data.test_split])):
         m = Path(cfg.data.root) / split / "manifest.json"
         manifests[split] = hashlib.sha256(m.read_bytes()).hexdigest()[:16] if m.is_file() else None
-    backbone = OmegaConf.to_container(cfg.backbone)
-    assert isinstance(backbone, dict)
     return {
         "format": FORMAT,
-        "backbone": {k: v for k, v in backbone.items() if k not in _SPEED_ONLY},
+        "backbone": backbone_identity(cfg.backbone),
         "augment": OmegaConf.to_container(cfg.augment),
         "manifests": manifests,
         "seed": cfg.train.seed,

@@ -99,6 +99,8 @@ class StreamFeatures:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         for batch in self.loader:
             views = torch.cat(batch.views).to(self.device, non_blocking=True)  # [a; b], one backbone call
+            # no_grad, not inference_mode: the head saves these features for its weight gradients,
+            # which autograd refuses to do with inference tensors.
             with torch.no_grad(), autocast_context(self.device, self.precision):
                 feats = self.backbone(views)
             yield feats, len(batch.keys)

@@ -97,6 +97,57 @@ def test_timm_small_model_frozen_and_channels_last_invariant():
     torch.testing.assert_close(out, plain, atol=1e-4, rtol=1e-4)
 
 
+def test_max_batch_chunks_the_forward_without_changing_features():
+    torch.manual_seed(0)
+    bb = build_backbone(cfg(name="timm", model="resnet18", image_size=32, max_batch=3))
+    assert bb.max_batch == 3
+    calls = []
+    bb.model.register_forward_hook(lambda _m, inp, _o: calls.append(len(inp[0])))
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        chunked = bb(x)
+        bb.max_batch = 0
+        whole = bb(x)
+    assert calls == [3, 3, 2, 8]
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+class _OomAbove(Backbone):
+    """A fake GPU: the forward raises torch's out-of-memory error above `limit` images."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__("oom", 3 * 4 * 4, 4, (0.0,) * 3, (1.0,) * 3)
+        self.limit, self.sizes = limit, []
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError(f"fake: {len(x)} images")
+        return x.flatten(1) * 2
+
+
+def test_out_of_memory_halves_the_chunk_and_keeps_the_size_that_fits(caplog):
+    bb = _OomAbove(limit=5)
+    bb.shrink_on_oom = True
+    x = torch.rand(23, 3, 4, 4)
+    torch.testing.assert_close(bb(x), x.flatten(1) * 2)
+    assert bb.max_batch == 5  # 23 -> 11 -> 5
+    assert bb.sizes[:3] == [23, 11, 5] and set(bb.sizes[2:]) == {5, 3}
+    assert "out of memory at 23 images" in caplog.text and "retrying with 11" in caplog.text
+    bb.sizes.clear()
+    bb(x)
+    assert max(bb.sizes) == 5  # no new failed attempts on the next batch
+
+    strict = _OomAbove(limit=5)  # shrink_on_oom off: the error reaches the caller
+    with pytest.raises(torch.OutOfMemoryError):
+        strict(x)
+    tiny = _OomAbove(limit=0)
+    tiny.shrink_on_oom = True
+    with pytest.raises(torch.OutOfMemoryError):  # nothing fits: no endless loop
+        tiny(x)
+    assert tiny.sizes[-1] == 1
+
+
 def test_timm_local_checkpoint_drops_classifier_and_checks_every_key(tmp_path):
     import timm
 

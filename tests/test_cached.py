@@ -141,7 +141,7 @@ def test_rerun_skips_done_work_redoes_missing_and_refuses_other_configs(tmp_path
     assert (train_dir / "pair-002.json").is_file()
     assert unchanged(set())
     # Speed-only backbone settings keep the cache.
-    _extract(cached_cfg(tmp_path, digits_root, **{"backbone.channels_last": "false"}))
+    _extract(cached_cfg(tmp_path, digits_root, **{"backbone.channels_last": "false", "backbone.max_batch": 7}))
     assert unchanged(set())
     with pytest.raises(CacheMismatchError, match="augment"):
         _extract(cached_cfg(tmp_path, digits_root, **{"augment.crop_p": 0.9}))

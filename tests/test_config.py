@@ -42,6 +42,7 @@ def test_override_and_types():
         (["augment.crop_p=1.5"], "augment.crop_p"),
         (["backbone.name=resnet"], "backbone.name"),
         (["optim.lr=0"], "optim.lr"),
+        (["backbone.max_batch=-1"], "backbone.max_batch"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -104,6 +104,10 @@ def test_resume_refuses_a_different_config(tmp_path, digits_root):
     st = DistState()
     cfg = load_config("demo_digits", overrides(tmp_path, digits_root, **{"output.run_name": "r", "train.max_steps": 1}))
     train(cfg, st)
+    # Speed-only backbone keys (chunking) do not block a resume ...
+    train(load_config("demo_digits", overrides(tmp_path, digits_root, **{
+        "output.run_name": "r", "train.resume": "true", "train.max_steps": 2, "backbone.max_batch": 5})), st)
+    # ... a different model does.
     bad = load_config("demo_digits", overrides(tmp_path, digits_root, **{
         "output.run_name": "r", "train.resume": "true", "head.num_clusters": 12}))
     with pytest.raises(CheckpointError, match="head"):

