@@ -74,6 +74,9 @@ class HeadConfig:
     hidden: list[int] = field(default_factory=lambda: [1024, 786, 512, 1024])  # paper's widths
     activation: str = "relu"  # relu | gelu ; the paper does not say, ReLU is our choice
     num_heads: int = 1  # H heads trained at once (different seeds), chosen without labels
+    # How the reported head is chosen, without labels: "loss" = lowest final training loss;
+    # "agreement" = highest mean NMI between its training-split clusters and the other heads'.
+    select: str = "loss"
 
 
 @dataclass
@@ -196,6 +199,7 @@ def validate(cfg: DictConfig) -> None:
     _check(len(cfg.head.hidden) >= 1 and all(h > 0 for h in cfg.head.hidden), "head.hidden", "widths must be > 0")
     _check(cfg.head.activation in ("relu", "gelu"), "head.activation", "must be relu or gelu")
     _check(cfg.head.num_heads >= 1, "head.num_heads", "must be >= 1")
+    _check(cfg.head.select in ("loss", "agreement"), "head.select", "must be loss or agreement")
     _check(cfg.loss.alpha >= 0, "loss.alpha", f"must be >= 0, got {cfg.loss.alpha}")
     _check(cfg.loss.ce_reduction in ("sum", "mean"), "loss.ce_reduction", "must be sum or mean")
     _check(0 < cfg.loss.eps < 1e-2, "loss.eps", "must be in (0, 1e-2)")

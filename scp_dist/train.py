@@ -32,6 +32,7 @@ from scp_dist.evaluate import (
 )
 from scp_dist.feature_cache import CachedFeatures, cache_dir, extract_features, predict_cached
 from scp_dist.loss import scp_loss
+from scp_dist.metrics import nmi
 from scp_dist.models.backbones import Backbone, build_backbone
 from scp_dist.models.head import SCPHead
 from scp_dist.runlog import JsonlLog, log, progress, setup_logging
@@ -240,18 +241,33 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
     return results
 
 
-def choose_head(head_losses: torch.Tensor) -> int:
-    """Label-free choice among heads: the lowest final training loss."""
+def head_agreement(clusters: np.ndarray) -> list[float]:
+    """(H, n) cluster ids -> per head, the mean NMI of its clustering with each other head's."""
+    h = len(clusters)
+    pair = np.eye(h)
+    for i in range(h):
+        for j in range(i + 1, h):
+            pair[i, j] = pair[j, i] = nmi(clusters[i], clusters[j])
+    return ((pair.sum(1) - 1) / max(h - 1, 1)).tolist()
+
+
+def choose_head(select: str, head_losses: torch.Tensor, agreement: list[float] | None = None) -> int:
+    """Label-free choice among heads: the lowest final training loss, or the most agreement."""
+    if select == "agreement" and agreement is not None:
+        return int(np.argmax(agreement))
     return int(torch.argmin(head_losses))
 
 
 def evaluate_splits(cfg: DictConfig, st: D.DistState, predict_split: Callable[[str], Predictions | None],
                     num_heads: int, out_dir: Path, head_losses: torch.Tensor) -> dict:
-    chosen = choose_head(head_losses)
-    results: dict = {"chosen_head": chosen, "head_losses": head_losses.tolist(), "splits": {}, "predictions": {}}
     splits = [cfg.data.train_split] + ([cfg.data.test_split] if cfg.data.test_split else [])
-    for split in splits:
-        pred = predict_split(split)
+    preds = {split: predict_split(split) for split in splits}  # rank 0 holds them, the others None
+    train_pred = preds[cfg.data.train_split]
+    agreement = head_agreement(train_pred.clusters) if train_pred is not None and num_heads > 1 else None
+    chosen = int(D.broadcast_object(choose_head(cfg.head.select, head_losses, agreement)))
+    results: dict = {"chosen_head": chosen, "select": cfg.head.select, "head_losses": head_losses.tolist(),
+                     "head_agreement": agreement, "splits": {}, "predictions": {}}
+    for split, pred in preds.items():
         if pred is None:
             continue
         per_head = [pred.scores(h) for h in range(num_heads)]

@@ -204,3 +204,37 @@ def test_stream_checkpoint_is_not_resumed_in_cached_mode(tmp_path, digits_root):
         "output.run_name": "m", "train.max_steps": 1})), st)
     with pytest.raises(CheckpointError, match="train.mode"):
         train(cached_cfg(tmp_path, digits_root, **{"output.run_name": "m", "train.resume": "true"}), st)
+
+
+def test_head_agreement_picks_the_consensus_not_the_outlier():
+    from scp_dist.train import choose_head, head_agreement
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 4, 300)
+    relabelled = np.array([2, 0, 3, 1])[base]  # the same clustering under other cluster ids
+    noisy = base.copy()
+    noisy[:60] = rng.integers(0, 4, 60)  # mostly the same
+    outlier = rng.integers(0, 4, 300)  # unrelated
+    agree = head_agreement(np.stack([outlier, base, relabelled, noisy]))
+    assert agree[1] == pytest.approx(agree[2]) and agree[1] > agree[3] > agree[0]
+    assert choose_head("agreement", torch.tensor([0.1, 0.5, 0.4, 0.3]), agree) in (1, 2)
+    assert choose_head("loss", torch.tensor([0.1, 0.5, 0.4, 0.3]), agree) == 0
+
+
+@pytest.mark.parametrize("select", ["loss", "agreement"])
+def test_several_heads_in_one_run_report_the_chosen_head_and_the_spread(tmp_path, digits_root, select):
+    cfg = cached_cfg(tmp_path, digits_root, **{"head.num_heads": 3, "head.select": select, "train.epochs": 2})
+    res = train(cfg, DistState())
+    ev = json.loads((tmp_path / "runs" / "digits" / "eval.json").read_text())
+    assert ev["select"] == select and len(ev["head_losses"]) == 3 and len(ev["head_agreement"]) == 3
+    pick = np.argmax(ev["head_agreement"]) if select == "agreement" else np.argmin(ev["head_losses"])
+    assert ev["chosen_head"] == res["chosen_head"] == pick
+    split = ev["splits"]["train"]
+    assert len(split["all_heads"]) == 3 and split["scores"] == split["all_heads"][pick]
+    accs = [h["acc"] for h in split["all_heads"]]
+    assert split["acc_over_heads"]["min"] == min(accs) and split["acc_over_heads"]["max"] == max(accs)
+    pred = res["predictions"]["train"]
+    assert pred.clusters.shape == (3, 1797)
+    assert len({tuple(c[:200]) for c in pred.clusters}) == 3  # differently seeded heads differ
+    rows = (tmp_path / "runs" / "digits" / "assignments_train.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[1]) for r in rows[:50]] == pred.clusters[pick][:50].tolist()
