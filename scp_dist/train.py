@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -19,8 +20,15 @@ from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scp_dist import distributed as D
-from scp_dist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from scp_dist.config import check_world_size, config_fingerprint, load_config, run_dir, save_config
+from scp_dist.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from scp_dist.config import (
+    ConfigError,
+    check_world_size,
+    config_fingerprint,
+    load_config,
+    run_dir,
+    save_config,
+)
 from scp_dist.data.loader import TrainLoader, build_eval_loader, build_train_loader
 from scp_dist.evaluate import (
     Predictions,
@@ -30,13 +38,20 @@ from scp_dist.evaluate import (
     write_assignments,
     write_json,
 )
-from scp_dist.feature_cache import CachedFeatures, cache_dir, extract_features, predict_cached
+from scp_dist.feature_cache import (
+    CachedFeatures,
+    CacheMismatchError,
+    cache_dir,
+    extract_features,
+    predict_cached,
+)
 from scp_dist.loss import scp_loss
 from scp_dist.metrics import nmi
 from scp_dist.models.backbones import Backbone, build_backbone
 from scp_dist.models.head import SCPHead
 from scp_dist.runlog import JsonlLog, log, progress, setup_logging
 from scp_dist.schedule import lr_at
+from scp_dist.shards.manifest import ShardError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -297,13 +312,25 @@ def _global_skip_counts(stats, st: D.DistState) -> dict[str, int]:
     return {k: int(v) for k, v in zip(names, total.tolist(), strict=True)}
 
 
+# Errors that name what the user must fix (a config key, a shard, a checkpoint, a cache): printed
+# as one line, not a traceback.
+USER_ERRORS = (ConfigError, ShardError, CheckpointError, CacheMismatchError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     st = D.init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
     setup_logging(st.is_main)
     try:
         train(cfg, st)
+    except USER_ERRORS as e:
+        print(f"error (rank {st.rank}): {e}", file=sys.stderr)
+        return 2
     finally:
         D.teardown()
     return 0

@@ -131,3 +131,16 @@ def test_missing_shards_fail_clearly(tmp_path):
 
     with pytest.raises(ShardError, match="does not exist"):
         train(cfg, DistState())
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path):
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "scp_dist.train", "--config", "demo_digits", *args], cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+    typo = cli("train.epoch=3")
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert "error: config key 'train.epoch'" in typo.stderr
+    missing = cli(f"data.root={tmp_path / 'nowhere'}", "data.prepare=", f"output.dir={tmp_path / 'runs'}")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "error (rank 0):" in missing.stderr and "nowhere" in missing.stderr
