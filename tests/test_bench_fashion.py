@@ -70,3 +70,9 @@ def test_fashion_benchmark_slice(tmp_path: Path):
         assert f"| {row['method']} |" in md
     bench_md = (tmp_path / "BENCH.md").read_text()
     assert "### `fashion`" in bench_md and C.BEGIN_MARK in bench_md
+
+    # `report` re-renders the same report from the stored JSON alone.
+    again = tmp_path / "again.md"
+    main(["report", "--results-dir", str(tmp_path / "results"), "--markdown", str(tmp_path / "BENCH.md"),
+          "--fashion-report", str(again)])
+    assert again.read_text() == md

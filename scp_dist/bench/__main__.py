@@ -7,7 +7,7 @@
   fashion  clustering quality: Fashion-MNIST, EfficientNet-Lite0, k-means vs SCP over seeds (~30 min on
            a 2-core CPU; also writes benchmarks/fashion_mnist.md); not part of `all`
   all      data, step, scaling and head in sequence with their defaults
-  report   only rebuild BENCHMARKS.md from the stored results
+  report   only rebuild BENCHMARKS.md (and benchmarks/fashion_mnist.md) from the stored results
 
 Results go to <results-dir>/<name>-<host kind>.json (host kind: cpu or the GPU's name) and the
 generated section of BENCHMARKS.md is rebuilt from every result file.
@@ -36,6 +36,10 @@ BENCHMARKS: dict[str, tuple[AddArgs, Run, str]] = {
 ALL = ("data", "step", "scaling", "head")
 # Run after the JSON is written, with the final record (fashion writes its own markdown report).
 AFTER: dict[str, Callable[[C.BenchResult, argparse.Namespace], None]] = {"fashion": fashion.after_finish}
+# `report` also re-renders these reports of their own from this host's stored JSON.
+REPORTS: dict[str, Callable[[C.BenchResult, argparse.Namespace], Path]] = {
+    "fashion": lambda r, args: fashion.write_report(r, args.fashion_report),
+}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -53,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_args(sp)
         _common(sp)
     _common(sub.add_parser("all", help="every benchmark with its defaults"))
-    _common(sub.add_parser("report", help="rebuild the markdown from the stored results"))
+    report = sub.add_parser("report", help="rebuild the markdown from the stored results")
+    _common(report)
+    report.add_argument("--fashion-report", type=Path, default=fashion.DEFAULT_REPORT,
+                        help="where the fashion benchmark's own report is re-rendered")
     return p
 
 
@@ -72,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.name == "report":
         print(f"updated {C.update_markdown(args.results_dir, args.markdown)}")
+        for r in C.load_results(args.results_dir):  # reports of their own, from the same stored record
+            if r.name in REPORTS and r.host_kind == C.host_kind():
+                print(f"updated {REPORTS[r.name](r, args)}")
         return 0
     if args.name == "all":
         for name in ALL:
