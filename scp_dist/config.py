@@ -13,10 +13,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from scp_dist.data.plan import ORDERS
+
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Backbone keys that change speed or memory, never the features: toggling them keeps a feature
 # cache and lets a checkpoint resume.
 BACKBONE_SPEED_ONLY = ("compile", "channels_last", "max_batch", "shrink_on_oom")
+LOADERS = ("auto", "dali", "torch")
+HEAD_SELECT = ("loss", "agreement", "consensus")
+# Where each built-in data set (data.prepare) lives; preparation never writes anywhere else.
+BUILTIN_ROOTS = {"digits": "data/digits", "fashion_mnist": "data/fashion_mnist", "animals": "data/animals"}
 
 
 class ConfigError(ValueError):
@@ -25,17 +31,22 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "digits"
+    name: str = ""  # "" = the name of the data.root directory
     root: str = "data/digits"  # dataset directory holding one sub-directory per split
     train_split: str = "train"
-    test_split: str = "test"  # "" = no test split
-    # auto | dali | dali_reader | torch  (auto: DALI when importable; dali_reader: DALI reads the
-    # shards itself, training only, weaker shuffling: docs/DESIGN.md)
-    loader: str = "auto"
+    test_split: str = ""  # "" = no test split (evaluate on the training split, as clustering papers do)
+    loader: str = "auto"  # one of LOADERS (auto: DALI when importable)
     num_workers: int = 2  # reader/decoder workers per rank
-    shuffle_buffer: int = 2048
+    # global: each epoch one seeded permutation of all samples, cut into global batches (uniform
+    # batches whatever the order on disk; the same run on any world size). windowed: shards in a
+    # random order, shuffled only inside windows of shuffle_buffer samples, for storage that reads
+    # sequentially; its batches are only as random as the shards (data/plan.py).
+    order: str = "global"
+    shuffle_buffer: int = 2048  # order=windowed only
     on_error: str = "skip"  # skip | raise: what a corrupt or missing sample does
-    prepare: str = ""  # a built-in source to write into `root` when it is missing (the demo uses "digits")
+    # A built-in data set written on first use, only ever into its own folder (BUILTIN_ROOTS): a
+    # data.root elsewhere is the user's data and must hold shards.
+    prepare: str = "digits"
 
 
 @dataclass
@@ -74,8 +85,10 @@ class HeadConfig:
     hidden: list[int] = field(default_factory=lambda: [1024, 786, 512, 1024])  # paper's widths
     activation: str = "relu"  # relu | gelu ; the paper does not say, ReLU is our choice
     num_heads: int = 1  # H heads trained at once (different seeds), chosen without labels
-    # How the reported head is chosen, without labels: "loss" = lowest final training loss;
-    # "agreement" = highest mean NMI between its training-split clusters and the other heads'.
+    # How the reported clustering is chosen, without labels: "loss" = the head with the lowest final
+    # training loss; "agreement" = the head whose training-split clusters agree most (mean NMI) with
+    # the other heads'; "consensus" = every head aligned to the most agreeing one (Hungarian) and a
+    # confidence-weighted vote per sample.
     select: str = "loss"
 
 
@@ -132,8 +145,14 @@ class DistConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs"
-    run_name: str = ""  # "" = data.name
+    run_name: str = ""  # "" = <data.name>_seed<train.seed>
     save_assignments: bool = True
+    # Every evaluation also clusters the same frozen features with faiss k-means (fitted on the
+    # training split, seeded by train.seed) and reports it next to the head: each run's own baseline.
+    kmeans: bool = True
+    kmeans_niter: int = 100
+    kmeans_nredo: int = 10
+    kmeans_max_points: int = 1024  # per centroid: k-means trains on at most K x this many rows
 
 
 @dataclass
@@ -156,10 +175,13 @@ def _key_of(e: OmegaConfBaseException) -> str:
 
 
 def resolve_config_path(path: str | Path) -> Path:
+    """A file path, or a config of this repository by name (demo_digits) or by its repository path
+    (configs/demo_digits.yaml), from any working directory."""
     p = Path(path)
     if p.is_file():
         return p
-    for cand in (PACKAGE_CONFIG_DIR / p, PACKAGE_CONFIG_DIR / f"{p}.yaml"):
+    for cand in (PACKAGE_CONFIG_DIR / p, PACKAGE_CONFIG_DIR / f"{p}.yaml", PACKAGE_CONFIG_DIR / p.name,
+                 PACKAGE_CONFIG_DIR / f"{p.name}.yaml"):
         if cand.is_file():
             return cand
     raise ConfigError(f"config file {path} not found (also looked in {PACKAGE_CONFIG_DIR})")
@@ -180,12 +202,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             layers.append(OmegaConf.from_dotlist([o + "''" if o.endswith("=") else o for o in overrides]))
         cfg = OmegaConf.merge(*layers)
         OmegaConf.resolve(cfg)
+        _derive_names(cfg)
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
         raise ConfigError(f"config key '{_key_of(e)}': {msg}") from e
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _derive_names(cfg: DictConfig) -> None:
+    """Names left empty come from the data and the seed, so each data set and seed gets its own run
+    folder and its own label in the printed scores."""
+    if not cfg.data.name:
+        cfg.data.name = Path(cfg.data.root).resolve().name or "data"
+    if not cfg.output.run_name:
+        cfg.output.run_name = f"{cfg.data.name}_seed{cfg.train.seed}"
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -199,7 +231,7 @@ def validate(cfg: DictConfig) -> None:
     _check(len(cfg.head.hidden) >= 1 and all(h > 0 for h in cfg.head.hidden), "head.hidden", "widths must be > 0")
     _check(cfg.head.activation in ("relu", "gelu"), "head.activation", "must be relu or gelu")
     _check(cfg.head.num_heads >= 1, "head.num_heads", "must be >= 1")
-    _check(cfg.head.select in ("loss", "agreement"), "head.select", "must be loss or agreement")
+    _check(cfg.head.select in HEAD_SELECT, "head.select", f"must be one of {'|'.join(HEAD_SELECT)}")
     _check(cfg.loss.alpha >= 0, "loss.alpha", f"must be >= 0, got {cfg.loss.alpha}")
     _check(cfg.loss.ce_reduction in ("sum", "mean"), "loss.ce_reduction", "must be sum or mean")
     _check(0 < cfg.loss.eps < 1e-2, "loss.eps", "must be in (0, 1e-2)")
@@ -221,11 +253,17 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.cache.dtype in ("fp16", "fp32"), "cache.dtype", "fp16|fp32")
     _check(cfg.cache.batch_size >= 1, "cache.batch_size", "must be >= 1")
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "auto|nccl|gloo")
-    _check(cfg.data.loader in ("auto", "dali", "dali_reader", "torch"), "data.loader", "auto|dali|dali_reader|torch")
+    _check(cfg.data.loader in LOADERS, "data.loader", f"{cfg.data.loader!r} is not one of {'|'.join(LOADERS)}")
+    _check(cfg.data.order in ORDERS, "data.order", f"{cfg.data.order!r} is not one of {'|'.join(ORDERS)}")
     _check(cfg.data.on_error in ("skip", "raise"), "data.on_error", "skip|raise")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     _check(bool(cfg.data.root), "data.root", "must name the dataset directory")
+    _check(cfg.data.prepare in ("", *BUILTIN_ROOTS), "data.prepare",
+           f"unknown built-in data set {cfg.data.prepare!r} ({'|'.join(BUILTIN_ROOTS)} or empty)")
+    _check(cfg.output.kmeans_niter >= 1, "output.kmeans_niter", "must be >= 1")
+    _check(cfg.output.kmeans_nredo >= 1, "output.kmeans_nredo", "must be >= 1")
+    _check(cfg.output.kmeans_max_points >= 1, "output.kmeans_max_points", "must be >= 1")
     for p in ("crop_p", "blur_p"):
         v = cfg.augment[p]
         _check(0.0 <= v <= 1.0, f"augment.{p}", f"probability must be in [0, 1], got {v}")
@@ -261,11 +299,11 @@ def check_world_size(cfg: DictConfig, world_size: int) -> None:
 
 
 def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.output.dir) / (cfg.output.run_name or cfg.data.name)
+    return Path(cfg.output.dir) / cfg.output.run_name
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
-    from scp_dist.shards.manifest import atomic_write_text
+    from scp_dist.fileio import atomic_write_text
 
     atomic_write_text(path, OmegaConf.to_yaml(cfg))
 

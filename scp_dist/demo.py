@@ -19,10 +19,8 @@ import numpy as np
 
 from scp_dist import distributed as D
 from scp_dist.config import load_config, run_dir
-from scp_dist.kmeans import kmeans_assign
-from scp_dist.metrics import clustering_scores
+from scp_dist.fileio import atomic_write_text
 from scp_dist.runlog import setup_logging
-from scp_dist.shards.manifest import atomic_write_text
 from scp_dist.train import train
 
 
@@ -45,22 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for seed in range(args.seeds):
-            cfg = load_config(args.config, [*args.overrides, f"train.seed={seed}", f"output.run_name={name}_seed{seed}"])
-            res = train(cfg, st, want_features=True)
+            cfg = load_config(args.config, [f"output.run_name={name}_seed{seed}", *args.overrides,
+                                            f"train.seed={seed}", "output.kmeans=true"])
+            res = train(cfg, st)
             if not st.is_main:
                 continue
-            pred = res["predictions"][cfg.data.train_split]
-            scp = pred.scores(res["chosen_head"])
-            km = clustering_scores(pred.labels, kmeans_assign(pred.features, cfg.head.num_clusters, seed=seed))
-            rows.append({"seed": seed, "scp": scp, "kmeans": km})
+            split = res["splits"][cfg.data.test_split or cfg.data.train_split]
+            scp, km = split["scores"], split["kmeans"]
+            rows.append({"seed": seed, "scp": scp, "kmeans": km, "select": res["select"],
+                         "acc_over_heads": split.get("acc_over_heads")})
             print(f"seed {seed}: SCP ACC {100 * scp['acc']:.1f} | k-means ACC {100 * km['acc']:.1f}", flush=True)
     finally:
         D.teardown()
     if not st.is_main:
         return 0
-    print(f"\n{'':10s}{'ACC':>14s}{'NMI':>14s}{'ARI':>14s}   ({len(rows)} seed(s), {pred.features.shape[1]}-d "
-          f"{cfg.backbone.name} {cfg.backbone.model or ''} features at {cfg.backbone.image_size or 'native'} px, "
-          f"{len(pred.keys)} images)")
+    model = " ".join(filter(None, [cfg.backbone.name, cfg.backbone.model]))
+    print(f"\n{'':10s}{'ACC':>14s}{'NMI':>14s}{'ARI':>14s}   ({len(rows)} seed(s), {model} "
+          f"features at {cfg.backbone.image_size or 'native'} px, "
+          f"{split['num_samples']} images)")
     for method in ("scp", "kmeans"):
         cols = [_fmt([r[method][m] for r in rows]) for m in ("acc", "nmi", "ari")]
         print(f"{'SCP head' if method == 'scp' else 'k-means':10s}" + "".join(f"{c:>14s}" for c in cols))

@@ -1,7 +1,7 @@
 """The one place that knows about distributed state: rank, world size, device, init and teardown.
 
-Works the same under torchrun (RANK/WORLD_SIZE/LOCAL_RANK), under SLURM's srun (SLURM_PROCID/...)
-and as a plain single process, where every collective below is the identity.
+Works the same under torchrun (RANK/WORLD_SIZE/LOCAL_RANK; the SLURM scripts start one torchrun per
+node) and as a plain single process, where every collective below is the identity.
 """
 
 from __future__ import annotations
@@ -39,22 +39,7 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
-def _slurm_to_torch_env() -> None:
-    """srun starts one task per GPU without torchrun: translate SLURM's variables to torch's."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
-    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    if "MASTER_ADDR" not in os.environ:
-        raise RuntimeError("under srun, export MASTER_ADDR (the first node's hostname); see slurm/scp.sbatch")
-
-
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 600) -> DistState:
-    _slurm_to_torch_env()
     world = _env_int("WORLD_SIZE") or 1
     rank = _env_int("RANK") or 0
     local_rank = _env_int("LOCAL_RANK") or 0
@@ -127,12 +112,13 @@ def sum_detached(t: torch.Tensor | float | int, device: torch.device | None = No
     return t
 
 
-def gather_objects(obj: object) -> list[object]:
-    """All ranks' picklable objects, in rank order (used once per evaluation, not per step)."""
+def gather_objects(obj: object) -> list[object] | None:
+    """All ranks' picklable objects, in rank order, on rank 0 only (the others get None): used once
+    per evaluation, and only rank 0 scores, so no other rank holds every prediction."""
     if world_size() == 1:
         return [obj]
-    out: list[object] = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    out: list[object] | None = [None] * world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 

@@ -1,8 +1,10 @@
-"""Evaluation: cluster every sample of a split once (no augmentation), gather on rank 0, score, save."""
+"""Evaluation: cluster every sample of a split once (no augmentation), gather on rank 0, choose
+the reported clustering without labels, score it next to k-means on the same features, save."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -10,17 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
+from scipy.optimize import linear_sum_assignment
 
 from scp_dist import distributed as D
-from scp_dist.metrics import clustering_scores
-from scp_dist.shards.manifest import atomic_write_text
+from scp_dist.fileio import atomic_write_text
+from scp_dist.kmeans import kmeans_fit, kmeans_predict
+from scp_dist.metrics import clustering_scores, nmi
 
 
 @dataclass
 class Predictions:
     keys: list[str]
     labels: np.ndarray  # (n,) int, -1 where unlabeled
-    clusters: np.ndarray  # (H, n) int
+    clusters: np.ndarray  # (H, n) int; with head.select=consensus, row H is the heads' consensus
     confidence: np.ndarray  # (H, n) float, the winning cluster's probability
     features: np.ndarray | None = None  # (n, D) backbone features, only when asked for
 
@@ -79,10 +84,104 @@ def predict(loader, backbone: torch.nn.Module, head: torch.nn.Module, st: D.Dist
     )
 
 
+# ---------------------------------------------------------------- label-free choice among heads
+
+
+def head_agreement(clusters: np.ndarray) -> list[float]:
+    """(H, n) cluster ids -> per head, the mean NMI of its clustering with each other head's."""
+    h = len(clusters)
+    pair = np.eye(h)
+    for i in range(h):
+        for j in range(i + 1, h):
+            pair[i, j] = pair[j, i] = nmi(clusters[i], clusters[j])
+    return ((pair.sum(1) - 1) / max(h - 1, 1)).tolist()
+
+
+def align_clusters(reference: np.ndarray, other: np.ndarray, k: int) -> np.ndarray:
+    """The relabelling of `other`'s cluster ids that best matches `reference` (Hungarian on the
+    K x K co-occurrence table): mapping[c] = the reference id for other's cluster c."""
+    table = np.zeros((k, k), dtype=np.int64)
+    np.add.at(table, (other, reference), 1)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    mapping = np.arange(k)
+    mapping[rows] = cols
+    return mapping
+
+
+def consensus(clusters: np.ndarray, confidence: np.ndarray, mappings: np.ndarray, k: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Every head's clusters relabelled into the reference's ids (mappings: (H, K)), then a vote per
+    sample weighted by each head's confidence. Returns (cluster, share of the vote) per sample."""
+    h, n = clusters.shape
+    votes = np.zeros((n, k))
+    for i in range(h):
+        np.add.at(votes, (np.arange(n), mappings[i][clusters[i]]), confidence[i])
+    winner = votes.argmax(1)
+    return winner, votes[np.arange(n), winner] / np.maximum(confidence.sum(0), 1e-12)
+
+
+def choose_head(select: str, head_losses: torch.Tensor, agreement: list[float] | None = None) -> int:
+    """Label-free choice among heads: the lowest final training loss, or the most agreement
+    (also the reference that consensus aligns the other heads to)."""
+    if select in ("agreement", "consensus") and agreement is not None:
+        return int(np.argmax(agreement))
+    return int(torch.argmin(head_losses))
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _kmeans_scores(cfg: DictConfig, preds: dict[str, Predictions]) -> dict[str, dict]:
+    """faiss k-means fitted on the training split's frozen features (the same the head saw),
+    applied to every split: each run carries its own baseline."""
+    train = preds[cfg.data.train_split]
+    if train.features is None:
+        return {}
+    km = kmeans_fit(train.features, cfg.head.num_clusters, seed=cfg.train.seed, niter=cfg.output.kmeans_niter,
+                    nredo=cfg.output.kmeans_nredo, max_points_per_centroid=cfg.output.kmeans_max_points)
+    return {split: clustering_scores(p.labels, kmeans_predict(km, p.features)) for split, p in preds.items()}
+
+
+def report(cfg: DictConfig, preds: dict[str, Predictions], head_losses: torch.Tensor, out_dir: Path) -> dict:
+    """Rank 0: choose the reported clustering without labels, score it and the k-means baseline,
+    write eval.json and the assignments, print one line per split."""
+    num_heads = len(head_losses)
+    train = preds[cfg.data.train_split]
+    agreement = head_agreement(train.clusters) if num_heads > 1 else None
+    chosen = choose_head(cfg.head.select, head_losses, agreement)
+    if cfg.head.select == "consensus" and num_heads > 1:
+        k = cfg.head.num_clusters
+        # Aligned once on the training split, so every split is voted with the same relabelling.
+        mappings = np.stack([align_clusters(train.clusters[chosen], c, k) for c in train.clusters])
+        for p in preds.values():
+            c, conf = consensus(p.clusters[:num_heads], p.confidence[:num_heads], mappings, k)
+            p.clusters, p.confidence = np.vstack([p.clusters, c]), np.vstack([p.confidence, conf])
+        chosen = num_heads  # the consensus row
+    baseline = _kmeans_scores(cfg, preds) if cfg.output.kmeans else {}
+    results: dict = {"chosen_head": chosen, "select": cfg.head.select, "head_losses": head_losses.tolist(),
+                     "head_agreement": agreement, "splits": {}}
+    for split, pred in preds.items():
+        per_head = [pred.scores(h) for h in range(num_heads)]
+        entry: dict = {"scores": pred.scores(chosen), "num_samples": len(pred.keys)}
+        if split in baseline:
+            entry["kmeans"] = baseline[split]
+        if num_heads > 1 and per_head[0].get("n"):
+            accs = np.array([s["acc"] for s in per_head])
+            entry["all_heads"] = per_head
+            entry["acc_over_heads"] = {"mean": float(accs.mean()), "std": float(accs.std()),
+                                       "min": float(accs.min()), "max": float(accs.max())}
+        results["splits"][split] = entry
+        if cfg.output.save_assignments:
+            write_assignments(out_dir / f"assignments_{split}.csv", pred, chosen)
+        print(format_scores(f"[{cfg.data.name}/{split}] SCP    ", entry["scores"]), flush=True)
+        if split in baseline:
+            print(format_scores(f"[{cfg.data.name}/{split}] k-means", baseline[split]), flush=True)
+    write_json(out_dir / "eval.json", results)
+    return results
+
+
 def write_assignments(path: Path, pred: Predictions, head: int) -> None:
     """key, cluster, probability, label per sample, written atomically."""
-    import io
-
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["key", "cluster", "probability", "label"])

@@ -7,14 +7,15 @@ those streaming would draw in epoch e % M), so M bounds the augmentation diversi
 runs over the data 2·M + 1 times once instead of twice per epoch, so for epochs > M the job is
 roughly epochs / M times faster, and head-only epochs cost almost nothing.
 
-Layout of `cache.dir` (default `<run dir>/features`):
+Layout of `cache.dir` (default `<output.dir>/features/<data.name>-<hash of the fingerprint>`, shared
+by every seed and run with the same data, backbone and augmentation):
 
-    fingerprint.json                      what determines the features; a cache built otherwise is refused
-    manifest.json                         summary, rewritten by rank 0 after each extraction
-    <split>/pair-003.w002.r001.npy        rank 1 of 2's range of pair 3: (n, 2, D) view a, view b
-    <split>/pair-003.w002.r001.meta.npz   the same rows' global sample index, key, label
-    <split>/plain.w002.r000.npy           unaugmented views (evaluation): (n, 1, D)
-    <split>/pair-003.json                 written by rank 0 once every rank's part is in place
+    fingerprint.json                           what determines the features; a cache built otherwise is refused
+    manifest.json                              summary, rewritten by rank 0 after each extraction
+    <split>/plain.w002.r000.npy                unaugmented views (evaluation, k-means): (n, 1, D); no seed
+    seed0/<split>/pair-003.w002.r001.npy       seed 0's pair 3, rank 1 of 2's range: (n, 2, D) view a, view b
+    seed0/<split>/pair-003.w002.r001.meta.npz  the same rows' global sample index, key, label
+    seed0/<split>/pair-003.json                written by rank 0 once every rank's part is in place
 
 A part is the `.npy` then its `.meta.npz`, each written to a temp name and renamed; a part counts
 as complete when both open and agree in shape. A rerun skips finished kinds (whose parts still
@@ -29,14 +30,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,9 +46,10 @@ from scp_dist.config import backbone_identity
 from scp_dist.data import plan as P
 from scp_dist.data.loader import build_eval_loader, build_pair_loader
 from scp_dist.evaluate import Predictions, autocast_context
+from scp_dist.fileio import atomic_write, atomic_write_text
 from scp_dist.models.backbones import Backbone
 from scp_dist.runlog import progress
-from scp_dist.shards.manifest import ShardError, atomic_write_text, read_manifest
+from scp_dist.shards.manifest import ShardError, read_manifest
 
 log = logging.getLogger("scp_dist")
 FORMAT = "scp_dist.features/v1"
@@ -63,15 +63,23 @@ def pair_kind(m: int) -> str:
     return f"pair-{m:03d}"
 
 
-def cache_dir(cfg: DictConfig, run_dir: Path) -> Path:
-    return Path(cfg.cache.dir) if cfg.cache.dir else run_dir / "features"
+def cache_dir(cfg: DictConfig) -> Path:
+    if cfg.cache.dir:
+        return Path(cfg.cache.dir)
+    digest = hashlib.sha256(json.dumps(cache_fingerprint(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.output.dir) / "features" / f"{cfg.data.name}-{digest}"
+
+
+def pairs_dir(cfg: DictConfig, root: Path) -> Path:
+    """The augmented pairs depend on the seed (it draws the views); the plain features do not."""
+    return root / f"seed{cfg.train.seed}"
 
 
 def cache_fingerprint(cfg: DictConfig) -> dict:
-    """Everything the stored features depend on. num_pairs is not in it: pairs are independent,
-    so raising cache.num_pairs reuses the pairs already there. The data is identified by its
-    manifests' content (which hold every shard's sha256), not its path, so a moved dataset keeps
-    its cache."""
+    """Everything the stored features depend on but the seed (pairs live under a folder per seed).
+    num_pairs is not in it: pairs are independent, so raising cache.num_pairs reuses the pairs
+    already there. The data is identified by its manifests' content (which hold every shard's
+    sha256), not its path, so a moved dataset keeps its cache."""
     manifests = {}
     for split in dict.fromkeys(filter(None, [cfg.data.train_split, cfg.data.test_split])):
         m = Path(cfg.data.root) / split / "manifest.json"
@@ -81,7 +89,6 @@ def cache_fingerprint(cfg: DictConfig) -> dict:
         "backbone": backbone_identity(cfg.backbone),
         "augment": OmegaConf.to_container(cfg.augment),
         "manifests": manifests,
-        "seed": cfg.train.seed,
         "dtype": cfg.cache.dtype,
     }
 
@@ -93,7 +100,8 @@ def check_fingerprint(root: Path, fp: dict, is_main: bool) -> None:
         if old != fp:
             diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
             raise CacheMismatchError(
-                f"feature cache {root} was built with a different {', '.join(diff)}; delete it or set cache.dir"
+                f"feature cache {root} was built with a different {', '.join(diff)}; delete it or point "
+                "cache.dir elsewhere (empty: a folder per data set, backbone and augmentation)"
             )
     elif is_main:
         root.mkdir(parents=True, exist_ok=True)
@@ -119,26 +127,13 @@ def _stem(kind: str, world: int, rank: int) -> str:
     return f"{kind}.w{world:03d}.r{rank:03d}"
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_part(split_dir: Path, stem: str, feats: np.ndarray, index: np.ndarray, keys: list[str],
                labels: np.ndarray) -> None:
     # Features first, metadata last: a part without its .meta.npz is unfinished, whatever else is there.
     for stale in split_dir.glob(f".{stem}.*.tmp"):  # left by a crash of this rank's previous attempt
         stale.unlink(missing_ok=True)
-    _atomic_write(split_dir / f"{stem}.npy", lambda f: np.save(f, feats))
-    _atomic_write(split_dir / f"{stem}.meta.npz",
+    atomic_write(split_dir / f"{stem}.npy", lambda f: np.save(f, feats))
+    atomic_write(split_dir / f"{stem}.meta.npz",
                   lambda f: np.savez(f, index=index, keys=np.asarray(keys, dtype=str), labels=labels))
 
 
@@ -249,8 +244,8 @@ def extract_features(cfg: DictConfig, st: D.DistState, backbone: Backbone, root:
         return build_eval_loader(data_root / split, cfg.data, **common)
 
     for m in range(cfg.cache.num_pairs):
-        _extract_kind(root, cfg.data.train_split, pair_kind(m), 2, partial(pair_loader, m), backbone, st,
-                      precision, dtype)
+        _extract_kind(pairs_dir(cfg, root), cfg.data.train_split, pair_kind(m), 2, partial(pair_loader, m),
+                      backbone, st, precision, dtype)
     splits = list(dict.fromkeys(filter(None, [cfg.data.train_split, cfg.data.test_split])))
     for split in splits:
         _extract_kind(root, split, "plain", 1, partial(plain_loader, split), backbone, st, precision, dtype)
@@ -260,7 +255,8 @@ def extract_features(cfg: DictConfig, st: D.DistState, backbone: Backbone, root:
         "backbone": {"name": backbone.name, "feature_dim": backbone.feature_dim, "image_size": backbone.image_size},
         "dtype": cfg.cache.dtype,
         "splits": {s: {"num_samples": read_manifest(data_root / s).num_samples,
-                       "kinds": {d.stem: json.loads(d.read_text()) for d in sorted((root / s).glob("*.json"))}}
+                       "kinds": {str(d.relative_to(root).with_suffix("")): json.loads(d.read_text())
+                                 for d in sorted([*(root / s).glob("*.json"), *root.glob(f"seed*/{s}/*.json")])}}
                    for s in splits},
     }
     if st.is_main:
@@ -367,7 +363,8 @@ class CachedFeatures:
     def _load_pair(self) -> tuple[SplitFeatures, np.ndarray]:
         m = self.epoch % self.cfg.cache.num_pairs
         if self._pair is None or self._pair[0] != m:
-            pair = load_kind(self.root, self.cfg.data.train_split, pair_kind(m), with_keys=False)
+            pair = load_kind(pairs_dir(self.cfg, self.root), self.cfg.data.train_split, pair_kind(m),
+                             with_keys=False)
             row_of = np.full(self.num_samples, -1, dtype=np.int64)  # global index -> row; -1: absent
             row_of[pair.index] = np.arange(len(pair.index))
             self._pair = (m, pair, row_of)
@@ -377,7 +374,7 @@ class CachedFeatures:
         pair, row_of = self._load_pair()
         cfg = self.cfg
         for indices in P.train_plan(self.counts, cfg.train.global_batch, self.st.world_size, self.st.rank,
-                                    cfg.train.seed, self.epoch, cfg.data.shuffle_buffer):
+                                    cfg.train.seed, self.epoch, cfg.data.order, cfg.data.shuffle_buffer):
             rows = row_of[indices]
             self.stats.absent += int((rows < 0).sum())
             f = torch.from_numpy(pair.take(rows[rows >= 0]))  # (n, 2, D)

@@ -17,6 +17,7 @@ log = logging.getLogger("scp_dist")
 def setup_logging(is_main: bool) -> None:
     level = logging.INFO if is_main else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its INFO lines list every CPU variant it tried
 
 
 class JsonlLog:

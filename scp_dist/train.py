@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scp_dist import distributed as D
 from scp_dist.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from scp_dist.config import (
+    BUILTIN_ROOTS,
     ConfigError,
     check_world_size,
     config_fingerprint,
@@ -30,14 +31,7 @@ from scp_dist.config import (
     save_config,
 )
 from scp_dist.data.loader import TrainLoader, build_eval_loader, build_train_loader
-from scp_dist.evaluate import (
-    Predictions,
-    autocast_context,
-    format_scores,
-    predict,
-    write_assignments,
-    write_json,
-)
+from scp_dist.evaluate import Predictions, autocast_context, predict, report
 from scp_dist.feature_cache import (
     CachedFeatures,
     CacheMismatchError,
@@ -46,12 +40,11 @@ from scp_dist.feature_cache import (
     predict_cached,
 )
 from scp_dist.loss import scp_loss
-from scp_dist.metrics import nmi
 from scp_dist.models.backbones import Backbone, build_backbone
 from scp_dist.models.head import SCPHead
 from scp_dist.runlog import JsonlLog, log, progress, setup_logging
 from scp_dist.schedule import lr_at
-from scp_dist.shards.manifest import ShardError
+from scp_dist.shards.manifest import ShardError, read_manifest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,18 +64,32 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def prepare_data(cfg: DictConfig, st: D.DistState) -> None:
-    """Write a built-in dataset's shards on first use (rank 0 writes, the others wait)."""
-    if not cfg.data.prepare:
-        return
-    if st.is_main:
-        from scp_dist.shards import sources
+    """Write a built-in data set's shards on first use (rank 0 writes, the others wait), but only
+    into that data set's own folder: any other data.root is the user's data, never overwritten."""
+    builtin = BUILTIN_ROOTS.get(cfg.data.prepare)
+    if builtin and Path(cfg.data.root).resolve() == Path(builtin).resolve():
+        if st.is_main:
+            from scp_dist.shards import sources
 
-        root = Path(cfg.data.root)
-        if cfg.data.prepare == "digits":
-            sources.prepare_digits(root)
-        else:
-            raise ValueError(f"config key 'data.prepare': unknown built-in source {cfg.data.prepare!r} (digits)")
-    D.barrier()
+            sources.PREPARE[cfg.data.prepare](Path(cfg.data.root))
+        D.barrier()
+    check_data(cfg)
+
+
+def check_data(cfg: DictConfig) -> None:
+    """What would otherwise fail after the backbone has loaded, or after training: checked first."""
+    root = Path(cfg.data.root)
+    n = read_manifest(root / cfg.data.train_split).num_samples
+    if n < cfg.train.global_batch:
+        raise ConfigError(f"config key 'train.global_batch': {cfg.train.global_batch} is more than the {n} "
+                          f"samples of {root / cfg.data.train_split}; set train.global_batch <= {n} (each epoch "
+                          "drops its last partial batch)")
+    if cfg.data.test_split:
+        try:
+            read_manifest(root / cfg.data.test_split)
+        except ShardError as e:
+            raise ConfigError(f"config key 'data.test_split': {e}; set data.test_split= to evaluate on "
+                              "the training split only") from e
 
 
 def build_models(cfg: DictConfig, st: D.DistState) -> tuple[Backbone, SCPHead]:
@@ -123,19 +130,20 @@ class StreamFeatures:
 
 
 def predict_stream(cfg: DictConfig, st: D.DistState, backbone: Backbone, head: SCPHead, precision: str,
-                   want_features: bool, split: str) -> Predictions | None:
+                   split: str) -> Predictions | None:
     """Every sample of a split once, unaugmented, through backbone and head; rank 0 gets the result."""
     loader = build_eval_loader(
         Path(cfg.data.root) / split, cfg.data, world_size=st.world_size, rank=st.rank,
         batch_size=cfg.train.eval_batch, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std,
         device=st.device,
     )
-    return predict(loader, backbone, head, st, precision, want_features=want_features,
+    return predict(loader, backbone, head, st, precision, want_features=cfg.output.kmeans,
                    progress=lambda it: progress(it, st.is_main, desc=f"eval {split}"))
 
 
-def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict:
+def train(cfg: DictConfig, st: D.DistState) -> dict:
     check_world_size(cfg, st.world_size)
+    prepare_data(cfg, st)
     out_dir = run_dir(cfg)
     if st.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +151,6 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, st.device)
-    prepare_data(cfg, st)
 
     backbone, head = build_models(cfg, st)
     log.info(
@@ -158,13 +165,13 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
 
     predict_split: Callable[[str], Predictions | None]
     if cfg.train.mode == "cached":
-        root = cache_dir(cfg, out_dir)
+        root = cache_dir(cfg)
         extract_features(cfg, st, backbone, root, precision)
         del backbone  # training and evaluation read the cache: give the backbone's memory back now
         if st.device.type == "cuda":
             torch.cuda.empty_cache()
         source: StreamFeatures | CachedFeatures = CachedFeatures(cfg, st, root)
-        predict_split = partial(predict_cached, root, head=head, st=st, want_features=want_features)
+        predict_split = partial(predict_cached, root, head=head, st=st, want_features=cfg.output.kmeans)
     else:
         loader = build_train_loader(
             Path(cfg.data.root) / cfg.data.train_split, cfg.data, cfg.augment,
@@ -172,7 +179,7 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
             image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, seed=cfg.train.seed, device=st.device,
         )
         source = StreamFeatures(loader, backbone, st.device, precision)
-        predict_split = partial(predict_stream, cfg, st, backbone, head, precision, want_features)
+        predict_split = partial(predict_stream, cfg, st, backbone, head, precision)
     steps_per_epoch = len(source)
     total_steps = steps_per_epoch * cfg.train.epochs  # the schedule's length; max_steps only stops early
     stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
@@ -192,7 +199,8 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
     jsonl = JsonlLog(out_dir / "metrics.jsonl" if st.is_main else None)
     head_losses = torch.zeros(cfg.head.num_heads)
     alpha = cfg.loss.alpha
-    epoch = start_epoch
+    # One bar for the run, the epoch in its postfix: a bar per epoch floods logs when epochs are short.
+    bar = progress(None, st.is_main, desc="train", total=stop_at, initial=step)
     for epoch in range(start_epoch, cfg.train.epochs):
         if step >= stop_at:
             break
@@ -201,8 +209,7 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
         epoch_loss_sum = torch.zeros(cfg.head.num_heads)
         epoch_steps = 0
         t_last, seen_since = time.perf_counter(), 0
-        bar = progress(source, st.is_main, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", total=steps_per_epoch)
-        for feats, n in bar:
+        for feats, n in source:
             if step >= stop_at:
                 break  # every rank sees the same stop_at, so all stop together
             lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.min_lr)
@@ -221,6 +228,7 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
                 opt.step()
             step += 1
             epoch_steps += 1
+            bar.update(1)
             epoch_loss_sum += out.total.float().cpu()
             seen_since += out.batch_size
             if not math.isfinite(float(out.total.sum())):
@@ -231,8 +239,8 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
                 t_last, seen_since = now, 0
                 terms = out.as_dict()
                 jsonl.write(kind="step", step=step, epoch=epoch, lr=lr, img_per_s=round(ips, 1), **terms)
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{terms['loss']:.3f}", H=f"{terms['entropy']:.3f}", ips=f"{ips:.0f}")
+                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.train.epochs}", loss=f"{terms['loss']:.3f}",
+                                H=f"{terms['entropy']:.3f}", ips=f"{ips:.0f}", refresh=False)
         head_losses = epoch_loss_sum / max(epoch_steps, 1)
         skipped = _global_skip_counts(source.stats, st)
         if any(skipped.values()):
@@ -246,60 +254,19 @@ def train(cfg: DictConfig, st: D.DistState, want_features: bool = False) -> dict
                 "head_losses": head_losses.tolist(),
             })
         jsonl.write(kind="epoch", epoch=epoch, step=step, loss=head_losses.tolist(), skipped=skipped)
-        log.info("epoch %d: mean loss %s", epoch + 1, ", ".join(f"{v:.4f}" for v in head_losses.tolist()))
+    bar.close()
+    log.info("final mean loss per head: %s", ", ".join(f"{v:.4f}" for v in head_losses.tolist()))
     D.barrier()
 
-    results = evaluate_splits(cfg, st, predict_split, head.num_heads, out_dir, head_losses)
-    jsonl.write(kind="eval", **{k: v for k, v in results.items() if k != "predictions"})
+    splits = list(dict.fromkeys(filter(None, [cfg.data.train_split, cfg.data.test_split])))
+    preds = {split: predict_split(split) for split in splits}  # rank 0 holds them, the others None
+    results = report(cfg, preds, head_losses, out_dir) if st.is_main else None
+    results = D.broadcast_object(results)
+    jsonl.write(kind="eval", **results)
     jsonl.close()
     del model, opt
-    return results
-
-
-def head_agreement(clusters: np.ndarray) -> list[float]:
-    """(H, n) cluster ids -> per head, the mean NMI of its clustering with each other head's."""
-    h = len(clusters)
-    pair = np.eye(h)
-    for i in range(h):
-        for j in range(i + 1, h):
-            pair[i, j] = pair[j, i] = nmi(clusters[i], clusters[j])
-    return ((pair.sum(1) - 1) / max(h - 1, 1)).tolist()
-
-
-def choose_head(select: str, head_losses: torch.Tensor, agreement: list[float] | None = None) -> int:
-    """Label-free choice among heads: the lowest final training loss, or the most agreement."""
-    if select == "agreement" and agreement is not None:
-        return int(np.argmax(agreement))
-    return int(torch.argmin(head_losses))
-
-
-def evaluate_splits(cfg: DictConfig, st: D.DistState, predict_split: Callable[[str], Predictions | None],
-                    num_heads: int, out_dir: Path, head_losses: torch.Tensor) -> dict:
-    splits = [cfg.data.train_split] + ([cfg.data.test_split] if cfg.data.test_split else [])
-    preds = {split: predict_split(split) for split in splits}  # rank 0 holds them, the others None
-    train_pred = preds[cfg.data.train_split]
-    agreement = head_agreement(train_pred.clusters) if train_pred is not None and num_heads > 1 else None
-    chosen = int(D.broadcast_object(choose_head(cfg.head.select, head_losses, agreement)))
-    results: dict = {"chosen_head": chosen, "select": cfg.head.select, "head_losses": head_losses.tolist(),
-                     "head_agreement": agreement, "splits": {}, "predictions": {}}
-    for split, pred in preds.items():
-        if pred is None:
-            continue
-        per_head = [pred.scores(h) for h in range(num_heads)]
-        entry = {"scores": per_head[chosen], "num_samples": len(pred.keys)}
-        if num_heads > 1 and per_head[0].get("n"):
-            accs = np.array([s["acc"] for s in per_head])
-            entry["all_heads"] = per_head
-            entry["acc_over_heads"] = {"mean": float(accs.mean()), "std": float(accs.std()),
-                                       "min": float(accs.min()), "max": float(accs.max())}
-        results["splits"][split] = entry
-        results["predictions"][split] = pred
-        if cfg.output.save_assignments:
-            write_assignments(out_dir / f"assignments_{split}.csv", pred, chosen)
-        print(format_scores(f"[{cfg.data.name}/{split}]", per_head[chosen]), flush=True)
     if st.is_main:
-        write_json(out_dir / "eval.json", {k: v for k, v in results.items() if k != "predictions"})
-    D.barrier()
+        results["predictions"] = preds
     return results
 
 

@@ -52,7 +52,7 @@ def test_pair_m_holds_the_views_streaming_draws_in_epoch_m(tmp_path, digits_root
     spec = ViewSpec.from_config(cfg.augment, backbone.image_size, backbone.mean, backbone.std)
     reader = SampleReader(read_manifest(digits_root / "train"))
     for m in (0, 1):
-        pair = load_kind(root, "train", f"pair-{m:03d}")
+        pair = load_kind(root / "seed0", "train", f"pair-{m:03d}")
         assert pair.feats.shape == (2, 1797, backbone.feature_dim)
         assert (pair.index == np.arange(1797)).all()
         for i in (0, 500, 1796):
@@ -70,7 +70,7 @@ def test_pair_m_holds_the_views_streaming_draws_in_epoch_m(tmp_path, digits_root
         with torch.no_grad():
             want = torch.stack([backbone(v) for v in batch.views], dim=1)  # (n, 2, D)
         torch.testing.assert_close(torch.from_numpy(pair.take(np.asarray(batch.indices))), want)
-    p0, p1 = (load_kind(root, "train", f"pair-{m:03d}").feats for m in (0, 1))
+    p0, p1 = (load_kind(root / "seed0", "train", f"pair-{m:03d}").feats for m in (0, 1))
     assert not torch.equal(p0, p1)  # different epochs, different views
     plain = load_kind(root, "train", "plain")
     assert plain.feats.shape == (1, 1797, backbone.feature_dim) and plain.keys[0] == reader.read(0).key
@@ -95,12 +95,13 @@ def test_two_ranks_write_the_same_cache_as_one(tmp_path, digits_root):
     OmegaConf.save(cfg2, cfg_path)
     run_gloo(_extract_rank, 2, str(cfg_path))
     two = Path(cfg2.cache.dir)
-    assert len(list((two / "train").glob("pair-000.w002.r*.npy"))) == 2
+    assert len(list((two / "seed0" / "train").glob("pair-000.w002.r*.npy"))) == 2
     for kind in ("pair-000", "pair-001", "plain"):
-        a, b = load_kind(one, "train", kind), load_kind(two, "train", kind)
+        sub = "." if kind == "plain" else "seed0"
+        a, b = load_kind(one / sub, "train", kind), load_kind(two / sub, "train", kind)
         assert (a.index == b.index).all() and a.keys == b.keys and (a.labels == b.labels).all()
         torch.testing.assert_close(a.feats, b.feats)
-    pair = load_kind(two, "train", "pair-000", with_keys=False)  # two memory-mapped parts
+    pair = load_kind(two / "seed0", "train", "pair-000", with_keys=False)  # two memory-mapped parts
     rows = np.array([1796, 0, 899, 898, 5])  # rank 0 holds 0..898, rank 1 899..1796
     torch.testing.assert_close(torch.from_numpy(pair.take(rows)), pair.feats[:, rows].transpose(0, 1))
 
@@ -110,10 +111,10 @@ def test_rerun_skips_done_work_redoes_missing_and_refuses_other_configs(tmp_path
     root = _extract(cfg)
     man = json.loads((root / "manifest.json").read_text())
     assert man["backbone"] == {"name": "pixels", "feature_dim": 192, "image_size": 8}
-    assert set(man["splits"]["train"]["kinds"]) == {"pair-000", "pair-001", "plain"}
-    assert man["splits"]["train"]["kinds"]["pair-001"]["num"] == 1797
-    train_dir = root / "train"
-    files = sorted(train_dir.glob("*.np[yz]"))
+    assert set(man["splits"]["train"]["kinds"]) == {"seed0/train/pair-000", "seed0/train/pair-001", "train/plain"}
+    assert man["splits"]["train"]["kinds"]["seed0/train/pair-001"]["num"] == 1797
+    train_dir = root / "seed0" / "train"
+    files = sorted([*train_dir.glob("*.np[yz]"), *(root / "train").glob("*.np[yz]")])
     assert len(files) == 6  # (pair-000, pair-001, plain) x (features, meta)
 
     def unchanged(redone: set[str]) -> bool:
@@ -133,7 +134,7 @@ def test_rerun_skips_done_work_redoes_missing_and_refuses_other_configs(tmp_path
     feats = train_dir / "pair-000.w001.r000.npy"
     feats.write_bytes(feats.read_bytes()[:1000])
     _extract(cfg)
-    assert load_kind(root, "train", "pair-000").feats.shape == (2, 1797, 192)
+    assert load_kind(root / "seed0", "train", "pair-000").feats.shape == (2, 1797, 192)
     assert unchanged({"pair-000.w001.r000.npy", "pair-000.w001.r000.meta.npz"})
     # More pairs reuse the ones there; another augmentation is refused.
     mtimes = {f: f.stat().st_mtime_ns for f in files}
@@ -142,6 +143,10 @@ def test_rerun_skips_done_work_redoes_missing_and_refuses_other_configs(tmp_path
     assert unchanged(set())
     # Speed-only backbone settings keep the cache.
     _extract(cached_cfg(tmp_path, digits_root, **{"backbone.channels_last": "false", "backbone.max_batch": 7}))
+    assert unchanged(set())
+    # Another seed draws other views into its own folder and shares the plain features.
+    _extract(cached_cfg(tmp_path, digits_root, **{"train.seed": 1}))
+    assert (root / "seed1" / "train" / "pair-001.json").is_file()
     assert unchanged(set())
     with pytest.raises(CacheMismatchError, match="augment"):
         _extract(cached_cfg(tmp_path, digits_root, **{"augment.crop_p": 0.9}))
@@ -173,8 +178,10 @@ def test_cached_mode_under_torchrun(tmp_path, digits_root):
     assert "ACC" in proc.stdout
     ev = json.loads((tmp_path / "runs" / "tr" / "eval.json").read_text())
     assert ev["splits"]["train"]["num_samples"] == 1797 and {"acc", "nmi", "ari"} <= ev["splits"]["train"]["scores"].keys()
-    files = sorted(p.name for p in (tmp_path / "runs" / "tr" / "features" / "train").glob("*.npy"))
-    assert files == ["pair-000.w002.r000.npy", "pair-000.w002.r001.npy", "plain.w002.r000.npy", "plain.w002.r001.npy"]
+    cache = next((tmp_path / "runs" / "features").glob("digits0-*"))  # shared by every run on these features
+    files = sorted(str(p.relative_to(cache)) for p in cache.glob("**/*.npy"))
+    assert files == ["seed0/train/pair-000.w002.r000.npy", "seed0/train/pair-000.w002.r001.npy",
+                     "train/plain.w002.r000.npy", "train/plain.w002.r001.npy"]
 
 
 def test_bad_samples_are_absent_from_the_cache_and_counted(tmp_path):
@@ -187,7 +194,7 @@ def test_bad_samples_are_absent_from_the_cache_and_counted(tmp_path):
         "data.prepare": "", "data.test_split": "", "train.global_batch": 10, "train.mode": "cached",
         "cache.num_pairs": 1, "cache.dir": str(tmp_path / "cache")}))
     root = _extract(cfg)
-    pair, plain = load_kind(root, "train", "pair-000"), load_kind(root, "train", "plain")
+    pair, plain = load_kind(root / "seed0", "train", "pair-000"), load_kind(root, "train", "plain")
     assert pair.keys == plain.keys and "k003" not in pair.keys and "k005" not in pair.keys
     assert set(pair.keys) >= {f"k{i:03d}" for i in range(20, 30)}
     source = CachedFeatures(cfg, DistState(), root)
@@ -207,7 +214,7 @@ def test_stream_checkpoint_is_not_resumed_in_cached_mode(tmp_path, digits_root):
 
 
 def test_head_agreement_picks_the_consensus_not_the_outlier():
-    from scp_dist.train import choose_head, head_agreement
+    from scp_dist.evaluate import choose_head, head_agreement
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 4, 300)
@@ -221,20 +228,25 @@ def test_head_agreement_picks_the_consensus_not_the_outlier():
     assert choose_head("loss", torch.tensor([0.1, 0.5, 0.4, 0.3]), agree) == 0
 
 
-@pytest.mark.parametrize("select", ["loss", "agreement"])
+@pytest.mark.parametrize("select", ["loss", "agreement", "consensus"])
 def test_several_heads_in_one_run_report_the_chosen_head_and_the_spread(tmp_path, digits_root, select):
     cfg = cached_cfg(tmp_path, digits_root, **{"head.num_heads": 3, "head.select": select, "train.epochs": 2})
     res = train(cfg, DistState())
-    ev = json.loads((tmp_path / "runs" / "digits" / "eval.json").read_text())
+    ev = json.loads((tmp_path / "runs" / "digits0_seed0" / "eval.json").read_text())
     assert ev["select"] == select and len(ev["head_losses"]) == 3 and len(ev["head_agreement"]) == 3
     pick = np.argmax(ev["head_agreement"]) if select == "agreement" else np.argmin(ev["head_losses"])
+    if select == "consensus":
+        pick = 3  # the vote, stored as a row after the heads'
     assert ev["chosen_head"] == res["chosen_head"] == pick
     split = ev["splits"]["train"]
-    assert len(split["all_heads"]) == 3 and split["scores"] == split["all_heads"][pick]
+    if select != "consensus":
+        assert split["scores"] == split["all_heads"][pick]
+    assert len(split["all_heads"]) == 3
+    assert {"acc", "nmi", "ari"} <= split["kmeans"].keys()
     accs = [h["acc"] for h in split["all_heads"]]
     assert split["acc_over_heads"]["min"] == min(accs) and split["acc_over_heads"]["max"] == max(accs)
     pred = res["predictions"]["train"]
-    assert pred.clusters.shape == (3, 1797)
-    assert len({tuple(c[:200]) for c in pred.clusters}) == 3  # differently seeded heads differ
-    rows = (tmp_path / "runs" / "digits" / "assignments_train.csv").read_text().splitlines()[1:]
+    assert pred.clusters.shape == (3 + (select == "consensus"), 1797)
+    assert len({tuple(c[:200]) for c in pred.clusters[:3]}) == 3  # differently seeded heads differ
+    rows = (tmp_path / "runs" / "digits0_seed0" / "assignments_train.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[1]) for r in rows[:50]] == pred.clusters[pick][:50].tolist()

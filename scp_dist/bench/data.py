@@ -5,8 +5,7 @@ max(1, workers) batches (worker start-up, DALI pipeline build) are untimed warm-
 one epoch is timed. An image is one sample, i.e. two augmented views at the output size. Backends:
 - `torch`: decode + augment in the DataLoader workers (PIL + torch ops);
 - `dali-cpu`: workers read bytes, DALI decodes + augments in CPU-only mode (device_id=None);
-- `dali-cuda`: the same with GPU `mixed` decode and GPU augmentation (only where a GPU is present);
-- `dali_reader-cpu` / `dali_reader-cuda`: DALI reads the shards itself (when the config accepts it).
+- `dali-cuda`: the same with GPU `mixed` decode and GPU augmentation (only where a GPU is present).
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ COLUMNS = [
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", nargs="+", default=["torch", "dali"],
-                   choices=["torch", "dali", "dali_reader"],
+                   choices=["torch", "dali"],
                    help="loader backends; dali runs in CPU mode, and also on the GPU when one is present")
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2], help="DataLoader workers per run")
     p.add_argument("--n", type=int, default=512, help="synthetic images (one epoch is timed)")
@@ -110,8 +109,6 @@ def run(args: argparse.Namespace) -> C.BenchResult:
     if "dali" in args.backends and have_dali:
         notes.append("dali: the DataLoader workers only read bytes; decode + augment run in one DALI "
                      "pipeline with 2 threads in the main process")
-    if "dali_reader" in args.backends and have_dali:
-        notes.append("dali_reader: DALI reads the shards itself; 'workers' is its thread count (0 means 1)")
     rows = []
     for label, loader, device in runs:
         for w in args.workers:

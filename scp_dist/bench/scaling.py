@@ -51,7 +51,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=4, help="train.log_every")
     p.add_argument("--warmup-records", type=int, default=1, help="first step records left out")
     p.add_argument("--workers", type=int, default=0, help="data.num_workers per rank")
-    p.add_argument("--loader", default="torch", choices=["torch", "dali", "dali_reader"], help="data.loader")
+    p.add_argument("--loader", default="torch", choices=["torch", "dali"], help="data.loader")
     p.add_argument("--threads-per-rank", type=int, default=0, help="OMP_NUM_THREADS per rank; 0 = cores // N")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: one GPU per rank when there are enough GPUs, else CPU with gloo")

@@ -3,8 +3,7 @@
 Backends (`data.loader`): `torch` decodes and augments in DataLoader worker processes; `dali`
 reads bytes in the workers and decodes + augments in a DALI pipeline (GPU `mixed` decode when a
 GPU is there, DALI's CPU-only mode otherwise); `auto` picks DALI when it imports. Both obey the
-same plan (plan.py), so which samples a rank sees does not depend on the backend. `dali_reader`
-(training only, dali_reader.py) lets DALI read the shards itself, with weaker shuffling.
+same plan (plan.py), so which samples a rank sees does not depend on the backend.
 
 Bad samples (missing shard, truncated tar, no image, corrupt image) are skipped and counted in
 `loader.stats` (`data.on_error=skip`, the default) or stop the job (`raise`). A skipped sample only
@@ -17,19 +16,17 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from scp_dist.config import ConfigError
 from scp_dist.data import plan as P
 from scp_dist.data.augment_torch import ViewSpec, decode_rgb, plain_view, sample_rng, two_views
 from scp_dist.data.reader import CORRUPT_IMAGE, SKIP_REASONS, RawSample, SampleReader
 from scp_dist.shards.manifest import Manifest, ShardError, read_manifest
-
-if TYPE_CHECKING:
-    from scp_dist.data.dali_reader import DaliReaderLoader
 
 log = logging.getLogger("scp_dist")
 _MAX_WARNINGS = 10
@@ -63,18 +60,17 @@ class LoaderStats:
 
 
 def choose_backend(name: str) -> str:
-    if name not in ("auto", "dali", "dali_reader", "torch"):
-        raise ValueError(f"config key 'data.loader': {name!r} is not one of auto, dali, dali_reader, torch")
+    """The loader backend for data.loader (validated by the config schema)."""
     if name == "torch":
         return "torch"
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
-        if name in ("dali", "dali_reader"):
-            raise ImportError(f"data.loader={name} but nvidia-dali is not installed (pip install "
+        if name == "dali":
+            raise ConfigError("config key 'data.loader': dali, but nvidia-dali is not installed (pip install "
                               "nvidia-dali-cuda130, or data.loader=torch)") from None
         return "torch"
-    return "dali_reader" if name == "dali_reader" else "dali"
+    return "dali"
 
 
 def _empty(n: int, size: int) -> torch.Tensor:
@@ -135,10 +131,6 @@ class _Loader:
         self.num_workers = int(data_cfg.num_workers)
         self.on_error = data_cfg.on_error
         self.backend = choose_backend(data_cfg.loader)
-        if self.backend == "dali_reader":
-            # Only training reads natively (dali_reader.py); evaluation needs every sample exactly
-            # once, in order, which the plan-fed path guarantees.
-            self.backend = "dali"
         self.stats = LoaderStats()
         self.epoch = 0
         self._warned = 0
@@ -188,7 +180,7 @@ class TrainLoader(_Loader):
                  global_batch: int, seed: int, device: torch.device) -> None:
         super().__init__(split_dir, data_cfg, spec, True, seed, device)
         self.world_size, self.rank, self.global_batch = world_size, rank, global_batch
-        self.shuffle_buffer = int(data_cfg.shuffle_buffer)
+        self.order, self.shuffle_buffer = str(data_cfg.order), int(data_cfg.shuffle_buffer)
         n = self.manifest.num_samples
         if n < global_batch:
             raise ShardError(f"{split_dir}: {n} samples, fewer than train.global_batch={global_batch}: "
@@ -199,7 +191,7 @@ class TrainLoader(_Loader):
         if self._rows is None or self._rows[0] != self.epoch:
             counts = [s.num_samples for s in self.manifest.shards]
             plan = P.train_plan(counts, self.global_batch, self.world_size, self.rank, self.seed, self.epoch,
-                                self.shuffle_buffer)
+                                self.order, self.shuffle_buffer)
             self._rows = (self.epoch, list(plan))
         return self._rows[1]
 
@@ -242,13 +234,8 @@ def build_pair_loader(split_dir: Path, data_cfg: Any, aug_cfg: Any, *, world_siz
 
 def build_train_loader(split_dir: Path, data_cfg: Any, aug_cfg: Any, *, world_size: int, rank: int,
                        global_batch: int, image_size: int, mean, std, seed: int,
-                       device: torch.device) -> TrainLoader | DaliReaderLoader:
+                       device: torch.device) -> TrainLoader:
     spec = ViewSpec.from_config(aug_cfg, image_size, mean, std)
-    if choose_backend(data_cfg.loader) == "dali_reader":
-        from scp_dist.data.dali_reader import DaliReaderLoader
-
-        return DaliReaderLoader(Path(split_dir), data_cfg, spec, world_size=world_size, rank=rank,
-                                global_batch=global_batch, seed=seed, device=device)
     return TrainLoader(Path(split_dir), data_cfg, spec, world_size=world_size, rank=rank,
                        global_batch=global_batch, seed=seed, device=device)
 

@@ -24,6 +24,9 @@ def steps_per_epoch(num_samples: int, global_batch: int) -> int:
     return num_samples // global_batch
 
 
+ORDERS = ("global", "windowed")
+
+
 def train_plan(
     shard_counts: list[int],
     global_batch: int,
@@ -31,30 +34,42 @@ def train_plan(
     rank: int,
     seed: int,
     epoch: int,
-    shuffle_buffer: int,
+    order: str = "global",
+    shuffle_buffer: int = 2048,
 ) -> np.ndarray:
     """(steps, B_rank) global sample indices this rank reads, in order.
 
-    Shards are permuted per epoch (same permutation on all ranks), their samples laid end to end,
-    and rank r takes the contiguous range [steps*c_r, steps*c_{r+1}). Inside its range the order is
-    shuffled within consecutive windows of `shuffle_buffer` samples, which keeps reads sequential
-    at the scale of a window (0 = no shuffling; >= the range = a full shuffle)."""
+    order="global" (the default): one permutation of ALL samples per epoch, a function of (seed,
+    epoch) only; global batch s is the slice [s*G, (s+1)*G) of it and rank r takes its contiguous
+    part of that slice. Every global batch is a uniform random sample of the data set whatever the
+    order on disk, and the same for any world size, so W processes train on exactly the batches one
+    process would (the loss terms are batch-level: a skewed batch biases H(Y) and L_con).
+
+    order="windowed": for storage that only reads sequentially. Shards are permuted per epoch, laid
+    end to end, and rank r takes the contiguous range [steps*c_r, steps*c_{r+1}), shuffled within
+    windows of `shuffle_buffer` samples. Batches are then only as random as the shards are: with
+    class-sorted shards a window holds a few classes. It also depends on the world size."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     counts = list(shard_counts)
     n = int(sum(counts))
     steps = steps_per_epoch(n, global_batch)
     sizes = rank_batch_sizes(global_batch, world_size)
     if steps == 0:
         return np.zeros((0, sizes[rank]), dtype=np.int64)
+    lo = sum(sizes[:rank])
+    if order == "global":
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        return perm[: steps * global_batch].reshape(steps, global_batch)[:, lo: lo + sizes[rank]].copy()
     offsets = shard_offsets(counts)
-    order = np.random.default_rng([seed, epoch]).permutation(len(counts))
-    layout = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in order])
-    start = steps * sum(sizes[:rank])
-    mine = layout[start: start + steps * sizes[rank]].copy()
+    shard_order = np.random.default_rng([seed, epoch]).permutation(len(counts))
+    layout = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in shard_order])
+    mine = layout[steps * lo: steps * (lo + sizes[rank])].copy()
     if shuffle_buffer > 1:
         rng = np.random.default_rng([seed, epoch, rank, 1])
-        for lo in range(0, len(mine), shuffle_buffer):
-            window = mine[lo: lo + shuffle_buffer]
-            mine[lo: lo + shuffle_buffer] = window[rng.permutation(len(window))]
+        for w in range(0, len(mine), shuffle_buffer):
+            window = mine[w: w + shuffle_buffer]
+            mine[w: w + shuffle_buffer] = window[rng.permutation(len(window))]
     return mine.reshape(steps, sizes[rank])
 
 

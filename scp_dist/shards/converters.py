@@ -2,8 +2,9 @@
 STL-10 (binary .bin), ImageFolder trees (ImageNet train/val, ImageNet-10, ImageNet-Dogs) and image lists.
 
 Every converter has the signature of `sources.fashion_mnist` and returns {split: Manifest}. Samples are
-produced lazily and in a fixed order, so a re-run (resume) skips the finished shards without reading or
-encoding their images again.
+produced lazily (`writer.LazySample`) and written in the seeded random order of `writer.shuffled(seed)`
+(`seed=None`: the source's order), the same on every run, so a re-run (resume) skips the finished
+shards without reading or encoding their images again.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import io
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -22,8 +23,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from scp_dist.shards.manifest import Manifest, ShardError
-from scp_dist.shards.sources import encode_png
-from scp_dist.shards.writer import Sample, write_shards
+from scp_dist.shards.sources import encode_png, png_samples
+from scp_dist.shards.writer import LazySample, Sample, write_shards
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
@@ -33,31 +34,11 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # USTAR member names without '/' are limited to 100 bytes; leave room for ".png"/".cls".
 MAX_KEY_LEN = 90
+# Image lists name their classes by id; a larger id is a typo, not a class (label counts are dense).
+MAX_LIST_CLASSES = 100_000
 
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 STL10_SIDE = 96
-
-
-class _LazySample(Sample):
-    """A Sample whose image is read/encoded only when the writer needs it: on resume the writer walks
-    the skipped samples too, and loading them would re-read a whole ImageNet for nothing."""
-
-    def __init__(self, key: str, label: int | None, load: Callable[[], tuple[bytes, str]]):
-        self.key, self.label, self._load = key, label, load
-        self._loaded: tuple[bytes, str] | None = None
-
-    def _get(self) -> tuple[bytes, str]:
-        if self._loaded is None:
-            self._loaded = self._load()
-        return self._loaded
-
-    @property
-    def image(self) -> bytes:  # type: ignore[override]
-        return self._get()[0]
-
-    @property
-    def ext(self) -> str:  # type: ignore[override]
-        return self._get()[1]
 
 
 def _src_dir(src: str | os.PathLike | None, what: str) -> Path:
@@ -81,6 +62,7 @@ def _write(
     max_bytes: int,
     resume: bool,
     progress: bool,
+    seed: int | None,
 ) -> Manifest:
     return write_shards(
         samples,
@@ -93,23 +75,19 @@ def _write(
         total=total,
         resume=resume,
         progress=progress,
+        seed=seed,
     )
 
 
-def _array_samples(
-    n: int, get_pixels: Callable[[int], np.ndarray], labels: np.ndarray | None, prefix: str
-) -> Iterator[Sample]:
-    def loader(i: int) -> Callable[[], tuple[bytes, str]]:
-        return lambda: (encode_png(get_pixels(i)), "png")
-
-    for i in range(n):
-        yield _LazySample(f"{prefix}_{i:07d}", None if labels is None else int(labels[i]), loader(i))
-
-
-def _check_labels(labels: np.ndarray, num_classes: int, where: Path) -> None:
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+def _check_labels(labels: np.ndarray, num_classes: int, where: Path, base: int = 0) -> None:
+    """All labels in 0..num_classes-1, checked before anything is written; the error names the first bad
+    image by its position in `where`, with the label as the file counts it (from `base`)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
         raise ShardError(
-            f"{where}: labels span {labels.min()}..{labels.max()}, expected 0..{num_classes - 1}"
+            f"{where}: image {i} has label {int(labels[i]) + base}, expected {base}..{num_classes - 1 + base} "
+            f"({num_classes} classes; {bad.size} bad label(s) in all)"
         )
 
 
@@ -173,6 +151,7 @@ def _cifar(
     max_bytes: int,
     resume: bool,
     progress: bool,
+    seed: int | None,
 ) -> dict[str, Manifest]:
     root = _src_dir(src, what)
     classes = _names(_unpickle(root / meta_file), names_key, root / meta_file)
@@ -180,7 +159,7 @@ def _cifar(
     for split, files in split_files.items():
         images, labels = _cifar_arrays([root / f for f in files], label_key, len(classes))
         result[split] = _write(
-            _array_samples(len(images), images.__getitem__, labels, f"{source}_{split}"),
+            png_samples(len(images), images.__getitem__, labels, f"{source}_{split}"),
             out,
             split,
             source=source,
@@ -190,6 +169,7 @@ def _cifar(
             max_bytes=max_bytes,
             resume=resume,
             progress=progress,
+            seed=seed,
         )
     return result
 
@@ -201,6 +181,7 @@ def cifar10(
     max_bytes: int = 0,
     resume: bool = True,
     progress: bool = True,
+    seed: int | None = 0,
 ) -> dict[str, Manifest]:
     """`cifar-10-batches-py` (data_batch_1..5, test_batch, batches.meta) -> splits `train` and `test`,
     32x32 RGB stored as PNG."""
@@ -217,6 +198,7 @@ def cifar10(
         max_bytes=max_bytes,
         resume=resume,
         progress=progress,
+        seed=seed,
     )
 
 
@@ -227,6 +209,7 @@ def cifar100(
     max_bytes: int = 0,
     resume: bool = True,
     progress: bool = True,
+    seed: int | None = 0,
 ) -> dict[str, Manifest]:
     """`cifar-100-python` (train, test, meta) -> splits `train` and `test` with the 100 fine labels."""
     return _cifar(
@@ -242,6 +225,7 @@ def cifar100(
         max_bytes=max_bytes,
         resume=resume,
         progress=progress,
+        seed=seed,
     )
 
 
@@ -252,6 +236,7 @@ def cifar20(
     max_bytes: int = 0,
     resume: bool = True,
     progress: bool = True,
+    seed: int | None = 0,
 ) -> dict[str, Manifest]:
     """`cifar-100-python` with the 20 coarse (superclass) labels, as clustering papers evaluate CIFAR-100."""
     return _cifar(
@@ -267,6 +252,7 @@ def cifar20(
         max_bytes=max_bytes,
         resume=resume,
         progress=progress,
+        seed=seed,
     )
 
 
@@ -296,6 +282,7 @@ def stl10(
     max_bytes: int = 0,
     resume: bool = True,
     progress: bool = True,
+    seed: int | None = 0,
 ) -> dict[str, Manifest]:
     """`stl10_binary` -> splits `train` (5k), `test` (8k) and, when unlabeled_X.bin is present,
     `unlabeled` (100k, no labels); 96x96 RGB stored as PNG."""
@@ -318,10 +305,10 @@ def stl10(
             labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1  # the files count from 1
             if len(labels) != len(images):
                 raise ShardError(f"{y_path}: {len(labels)} labels for {len(images)} images in {x_path.name}")
-            _check_labels(labels, len(classes), y_path)
+            _check_labels(labels, len(classes), y_path, base=1)
             split_classes = classes
         result[split] = _write(
-            _array_samples(len(images), _stl_pixels(images), labels, f"stl10_{split}"),
+            png_samples(len(images), _stl_pixels(images), labels, f"stl10_{split}"),
             out,
             split,
             source="stl10",
@@ -331,6 +318,7 @@ def stl10(
             max_bytes=max_bytes,
             resume=resume,
             progress=progress,
+            seed=seed,
         )
     return result
 
@@ -389,7 +377,7 @@ def _class_images(class_dir: Path) -> list[Path]:
 def _file_samples(files: Sequence[tuple[Path, str, int | None]]) -> Iterator[Sample]:
     used: set[str] = set()
     for path, rel, label in files:
-        yield _LazySample(_key(rel, used), label, lambda p=path: load_image_file(p))
+        yield LazySample(_key(rel, used), label, lambda p=path: load_image_file(p))
 
 
 def _split_classes(split_dir: Path, subset: Sequence[str] | None) -> list[str]:
@@ -415,6 +403,7 @@ def imagefolder(
     max_bytes: int = 0,
     resume: bool = True,
     progress: bool = True,
+    seed: int | None = 0,
     classes_subset: Sequence[str] | None = None,
     source: str = "imagefolder",
 ) -> dict[str, Manifest]:
@@ -458,6 +447,7 @@ def imagefolder(
             max_bytes=max_bytes,
             resume=resume,
             progress=progress,
+            seed=seed,
         )
     return result
 
@@ -475,6 +465,7 @@ def imagenet10(
     max_bytes: int = 0,
     resume: bool = True,
     progress: bool = True,
+    seed: int | None = 0,
 ) -> dict[str, Manifest]:
     """ImageNet-10 (DAC, Chang et al. 2017): the 10 classes of `wnids/imagenet10.txt` from an ImageNet
     ImageFolder tree (`src` with train/ and/or val/, or a single split's class folders)."""
@@ -485,6 +476,7 @@ def imagenet10(
         max_bytes=max_bytes,
         resume=resume,
         progress=progress,
+        seed=seed,
         classes_subset=read_wnids("imagenet10"),
         source="imagenet10",
     )
@@ -497,6 +489,7 @@ def imagenet_dogs(
     max_bytes: int = 0,
     resume: bool = True,
     progress: bool = True,
+    seed: int | None = 0,
 ) -> dict[str, Manifest]:
     """ImageNet-Dogs (DAC, Chang et al. 2017): the 15 dog breeds of `wnids/imagenet_dogs.txt`."""
     return imagefolder(
@@ -506,31 +499,89 @@ def imagenet_dogs(
         max_bytes=max_bytes,
         resume=resume,
         progress=progress,
+        seed=seed,
         classes_subset=read_wnids("imagenet_dogs"),
         source="imagenet_dogs",
     )
 
 
-def _list_entries(list_path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, path) for each entry of a plain list or a CSV (column `path`, else the first)."""
+def _resolve(base: Path, entry: str) -> Path:
+    # normpath, not resolve(): keys should follow the listed path, not where symlinks point.
+    return Path(os.path.normpath(base / Path(entry).expanduser()))
+
+
+def _text_entries(list_path: Path, lines: Iterable[str]) -> Iterator[tuple[int, str, str | None]]:
+    """A plain list: `path` or `path label` per line. Whether the list has labels is decided once, by its
+    first entry: it has when that entry has several whitespace-separated fields and is not itself an
+    existing file (paths with spaces stay readable in unlabeled lists); then every line needs a label,
+    the last field."""
+    labeled: bool | None = None
+    first = 0
+    for n, line in enumerate(lines, 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if labeled is None:
+            labeled = len(entry.split()) > 1 and not _resolve(list_path.parent.absolute(), entry).is_file()
+            first = n
+        if not labeled:
+            yield n, entry, None
+            continue
+        parts = entry.rsplit(None, 1)
+        if len(parts) < 2:
+            raise ShardError(f"{list_path}:{n}: no label after the path; line {first} has one, so every line "
+                             "needs one (`path label`)")
+        yield n, parts[0], parts[1]
+
+
+def _table_entries(list_path: Path, f: Iterable[str], delimiter: str) -> Iterator[tuple[int, str, str | None]]:
+    """A CSV/TSV: the columns named `path` and `label` when the first row is such a header, else the
+    first column and no labels."""
+    path_col, label_col = 0, None
+    for n, row in enumerate(csv.reader(f, delimiter=delimiter), 1):
+        cells = [c.strip() for c in row]
+        if not any(cells) or cells[0].startswith("#"):
+            continue
+        names = [c.lower() for c in cells]
+        if n == 1 and "path" in names:
+            path_col, label_col = names.index("path"), names.index("label") if "label" in names else None
+            continue
+        if n == 1 and "label" in names:
+            raise ShardError(f"{list_path}:1: the header names a `label` column but no `path` column")
+        if path_col >= len(cells) or not cells[path_col]:
+            raise ShardError(f"{list_path}:{n}: no path in column {path_col + 1}")
+        label = None if label_col is None else (cells[label_col] if label_col < len(cells) else "")
+        yield n, cells[path_col], label
+
+
+def _list_entries(list_path: Path) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, path, label text or None) for each entry of a plain list, a CSV or a TSV."""
     with open(list_path, newline="") as f:
-        if list_path.suffix.lower() != ".csv":
-            for n, line in enumerate(f, 1):
-                entry = line.strip()
-                if entry and not entry.startswith("#"):
-                    yield n, entry
-            return
-        column = 0
-        for n, row in enumerate(csv.reader(f), 1):
-            cells = [c.strip() for c in row]
-            if not cells or not cells[0] or cells[0].startswith("#"):
-                continue
-            if n == 1 and "path" in (c.lower() for c in cells):
-                column = [c.lower() for c in cells].index("path")
-                continue
-            if column >= len(cells) or not cells[column]:
-                raise ShardError(f"{list_path}:{n}: no path in column {column + 1}")
-            yield n, cells[column]
+        suffix = list_path.suffix.lower()
+        if suffix in (".csv", ".tsv"):
+            yield from _table_entries(list_path, f, "\t" if suffix == ".tsv" else ",")
+        else:
+            yield from _text_entries(list_path, f)
+
+
+def _parse_label(text: str, where: str) -> int:
+    if not text:
+        raise ShardError(f"{where}: no label (the list has a label column, so every entry needs one)")
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise ShardError(f"{where}: label {text!r} is not an integer (labels are class ids 0, 1, 2, ...)")
+    label = int(text)
+    if label < 0:
+        raise ShardError(f"{where}: label {label} is negative (labels are class ids 0, 1, 2, ...)")
+    if label >= MAX_LIST_CLASSES:
+        raise ShardError(f"{where}: label {label} is too large (class ids must be < {MAX_LIST_CLASSES}; "
+                         "number the classes 0..K-1)")
+    return label
+
+
+def _list_classes(labels: list[int | None]) -> list[str] | None:
+    """Class names "0".."K-1" for a labeled list (K = the largest id + 1), None for an unlabeled one."""
+    ids = [y for y in labels if y is not None]
+    return [str(c) for c in range(max(ids) + 1)] if ids else None
 
 
 def image_list(
@@ -540,9 +591,12 @@ def image_list(
     max_bytes: int = 0,
     resume: bool = True,
     progress: bool = True,
+    seed: int | None = 0,
 ) -> dict[str, Manifest]:
-    """A text file with one image path per line (or a CSV) -> unlabeled split `train`. Relative paths
-    are relative to the list file; blank lines and '#' comments are skipped."""
+    """A list of image paths -> split `train`. Relative paths are relative to the list file; blank lines
+    and '#' comments are skipped. Formats: a text file with `path` or `path label` per line; a CSV (or
+    .tsv) whose header names the `path` column and optionally a `label` column (without a header: the
+    first column, unlabeled). Labels are integer class ids 0..K-1; the classes are named "0".."K-1"."""
     if not src:
         raise ShardError("image list: no source path given (--src)")
     list_path = Path(src).expanduser()
@@ -550,33 +604,35 @@ def image_list(
         raise ShardError(f"image list {list_path} does not exist")
     base = list_path.parent.absolute()
     paths: list[Path] = []
+    labels: list[int | None] = []
     seen: dict[Path, int] = {}
     # Every entry is checked before anything is written, so a bad line fails fast instead of mid-way.
-    for n, entry in _list_entries(list_path):
-        # normpath, not resolve(): keys should follow the listed path, not where symlinks point.
-        path = Path(os.path.normpath(base / Path(entry).expanduser()))
+    for n, entry, label in _list_entries(list_path):
+        path = _resolve(base, entry)
         if not path.is_file():
             raise ShardError(f"{list_path}:{n}: listed image {entry!r} does not exist ({path})")
         if path in seen:
             raise ShardError(f"{list_path}:{n}: {entry!r} was already listed on line {seen[path]}")
         seen[path] = n
         paths.append(path)
+        labels.append(None if label is None else _parse_label(label, f"{list_path}:{n}"))
     if not paths:
         raise ShardError(f"image list {list_path} lists no images")
     # Keys from the paths below the images' common folder: short, and independent of where the list lives.
     common = Path(os.path.commonpath([p.parent for p in paths]))
-    files: list[tuple[Path, str, int | None]] = [(p, p.relative_to(common).as_posix(), None) for p in paths]
+    files = [(p, p.relative_to(common).as_posix(), y) for p, y in zip(paths, labels, strict=True)]
     return {
         "train": _write(
             _file_samples(files),
             out,
             "train",
             source="image_list",
-            classes=None,
+            classes=_list_classes(labels),
             total=len(files),
             max_count=max_count,
             max_bytes=max_bytes,
             resume=resume,
             progress=progress,
+            seed=seed,
         )
     }

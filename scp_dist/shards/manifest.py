@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "scp_dist.shards/v1"
+log = logging.getLogger("scp_dist")
+# Converters that wrote class by class before orders were recorded (their manifests have no `order`).
+CLASS_SORTED_BEFORE = frozenset({"imagefolder", "imagenet10", "imagenet_dogs"})
+# `python -m scp_dist.shards` names of the sources whose manifest `source` differs.
+CLI_NAMES = {"image_list": "list", "sklearn.load_digits": "digits"}
+# How far above a random order the shard x label chi-square must be to call the order class-sorted:
+# z > 5 is p < 3e-7 for a random permutation, and twice the degrees of freedom keeps tiny expected
+# counts (many classes, small shards), where the chi-square approximation is loose, from tripping it.
+SORTED_Z, SORTED_RATIO = 5.0, 2.0
+_warned: set[tuple[str, int]] = set()
 
 
 class ShardError(RuntimeError):
@@ -22,6 +36,8 @@ class ShardInfo:
     num_samples: int
     bytes: int
     sha256: str
+    # Samples per label id, for labeled splits (None in unlabeled splits and in older manifests).
+    label_counts: list[int] | None = None
 
 
 @dataclass
@@ -33,6 +49,10 @@ class Manifest:
     classes: list[str] | None
     shards: list[ShardInfo] = field(default_factory=list)
     format: str = FORMAT
+    # "shuffled": the writer put the samples in the seeded random order of `writer.shuffled(.., order_seed)`;
+    # "as_given": in its caller's order; "unknown": a manifest from before orders were recorded.
+    order: str = "unknown"
+    order_seed: int | None = None
     # Directory the manifest was read from; not serialised.
     root: Path | None = None
 
@@ -67,11 +87,75 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _manifest_text(d: dict) -> str:
+    # One shard per line: with label counts, one value per line would make ImageNet's manifest 128k lines.
+    head = json.dumps({k: v for k, v in d.items() if k != "shards"}, indent=1)
+    rows = ",\n".join("  " + json.dumps(s) for s in d["shards"])
+    return f'{head[:-2]},\n "shards": [\n{rows}\n ]\n}}\n'
+
+
 def write_manifest(split_dir: Path, manifest: Manifest) -> Path:
     manifest.num_samples = sum(s.num_samples for s in manifest.shards)
     path = Path(split_dir) / MANIFEST_NAME
-    atomic_write_text(path, json.dumps(manifest.to_json(), indent=1) + "\n")
+    atomic_write_text(path, _manifest_text(manifest.to_json()))
     return path
+
+
+def shard_label_chi2(shards: list[ShardInfo]) -> tuple[float, int] | None:
+    """Pearson's chi-square for independence of shard and label over the per-shard label counts, and
+    its degrees of freedom; None without counts. A random order gives about the degrees of freedom;
+    a class-sorted one about num_samples * (min(shards, classes) - 1)."""
+    if not shards or any(s.label_counts is None for s in shards):
+        return None
+    table = np.array([s.label_counts for s in shards], dtype=np.float64)
+    table = table[table.sum(1) > 0][:, table.sum(0) > 0]
+    df = (table.shape[0] - 1) * (table.shape[1] - 1)
+    if df < 1:
+        return None
+    expected = np.outer(table.sum(1), table.sum(0)) / table.sum()
+    return float(((table - expected) ** 2 / expected).sum()), df
+
+
+def _z(chi2: float, df: int) -> float:
+    # Wilson-Hilferty: (chi2 / df) ** (1/3) is close to normal, even for a few degrees of freedom.
+    v = 2.0 / (9.0 * df)
+    return ((chi2 / df) ** (1.0 / 3.0) - (1.0 - v)) / math.sqrt(v)
+
+
+def order_problem(m: Manifest) -> str | None:
+    """Why the split's shard order looks class-sorted, or None. Reads only the manifest."""
+    if not m.labeled or m.num_classes < 2:
+        return None
+    if m.order == "unknown" and m.source in CLASS_SORTED_BEFORE:
+        return f"the {m.source} converter wrote it class by class before shuffling at write time"
+    if len(m.shards) < 2:  # the order inside one shard is not in the manifest
+        return None
+    stat = shard_label_chi2(m.shards)
+    if stat is None:
+        return None
+    chi2, df = stat
+    if chi2 < SORTED_RATIO * df or _z(chi2, df) < SORTED_Z:
+        return None
+    single = sum(1 for s in m.shards if sum(1 for c in s.label_counts or () if c) == 1)
+    return (f"the shards' label distributions are far from the split's (chi-square {chi2:.0f} on {df} degrees "
+            f"of freedom, where a random order gives about {df})"
+            + (f"; {single} of {len(m.shards)} shards hold a single label" if single else ""))
+
+
+def _warn_if_class_sorted(m: Manifest, path: Path) -> None:
+    """Log once per manifest file (and version of it): readers open a split once per rank and loader."""
+    why = order_problem(m)
+    if why is None:
+        return
+    stamp = (str(path.resolve()), path.stat().st_mtime_ns)
+    if stamp in _warned:
+        return
+    _warned.add(stamp)
+    cli = CLI_NAMES.get(m.source, m.source)
+    log.warning(
+        "%s: the shards look class-sorted: %s. SCP's loss is per batch, so batches read in shard order "
+        "would hold few classes. Re-convert with `python -m scp_dist.shards %s --src ... --out ...` "
+        "(shuffled at write time), or keep data.order=global.", m.root, why, cli)
 
 
 def read_manifest(split_dir: str | os.PathLike, check_files: bool = True) -> Manifest:
@@ -107,4 +191,5 @@ def read_manifest(split_dir: str | os.PathLike, check_files: bool = True) -> Man
         missing = [s.name for s in shards if not (split_dir / s.name).is_file()]
         if missing:
             raise ShardError(f"{split_dir}: {len(missing)} shard(s) listed in the manifest are missing: {missing[:5]}")
+    _warn_if_class_sorted(m, path)
     return m

@@ -1,4 +1,5 @@
-"""Built-in sources that need no download: scikit-learn's digits and Debian's Fashion-MNIST.
+"""Built-in sources that need no download: scikit-learn's digits, Debian's Fashion-MNIST and PyPI's
+animal-mnist (animal silhouettes).
 
 Converters for datasets on disk in their published formats (CIFAR, STL-10, ImageFolder/ImageNet,
 image lists) live in `converters.py`; `python -m scp_dist.shards` exposes both.
@@ -8,14 +9,14 @@ from __future__ import annotations
 
 import gzip
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from scp_dist.shards.manifest import MANIFEST_NAME, Manifest, ShardError, read_manifest
-from scp_dist.shards.writer import Sample, write_shards
+from scp_dist.shards.writer import LazySample, Sample, write_shards
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -29,30 +30,51 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def png_samples(
+    n: int, get_pixels: Callable[[int], np.ndarray], labels: np.ndarray | None, prefix: str
+) -> Iterator[Sample]:
+    """Samples `{prefix}_{i:07d}` whose PNG is encoded only when written: shuffling lists them all up
+    front, and a resumed conversion skips the finished ones without encoding them."""
+
+    def loader(i: int) -> Callable[[], tuple[bytes, str]]:
+        return lambda: (encode_png(get_pixels(i)), "png")
+
+    for i in range(n):
+        yield LazySample(f"{prefix}_{i:07d}", None if labels is None else int(labels[i]), loader(i))
+
+
 def array_samples(images: np.ndarray, labels: np.ndarray | None, prefix: str) -> Iterator[Sample]:
-    for i, img in enumerate(images):
-        yield Sample(f"{prefix}_{i:07d}", encode_png(img), "png", None if labels is None else int(labels[i]))
+    return png_samples(len(images), images.__getitem__, labels, prefix)
 
 
-def _is_written(split_dir: Path) -> bool:
-    return (split_dir / MANIFEST_NAME).is_file()
+def _written(split_dir: Path, seed: int | None) -> Manifest | None:
+    """The split's manifest if it is written, in the order `seed` asks for (else it is rewritten, so the
+    data, and the results on it, depend on the seed and not on what an older version left on disk)."""
+    if not (split_dir / MANIFEST_NAME).is_file():
+        return None
+    m = read_manifest(split_dir)
+    want = ("as_given", None) if seed is None else ("shuffled", seed)
+    return m if (m.order, m.order_seed) == want else None
 
 
-def prepare_digits(root: str | Path, max_count: int = 1000, progress: bool = False) -> dict[str, Manifest]:
-    """scikit-learn's bundled digits (1797 real 8x8 handwritten digits, grey 0..16) as split `train`.
+def prepare_digits(root: str | Path, max_count: int = 1000, progress: bool = False,
+                   seed: int | None = 0) -> dict[str, Manifest]:
+    """scikit-learn's bundled digits (1797 real 8x8 handwritten digits, grey 0..16) as split `train`,
+    in the random order of `seed` (None: sklearn's order).
 
     The dataset has no official test split; the demo clusters all 1797 images, as clustering
     papers do for their datasets' train+test union. Already-written shards are reused."""
     from sklearn.datasets import load_digits
 
     split_dir = Path(root) / "train"
-    if _is_written(split_dir):
-        return {"train": read_manifest(split_dir)}
+    written = _written(split_dir, seed)
+    if written is not None:
+        return {"train": written}
     d = load_digits()
     images = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     m = write_shards(array_samples(images, d.target, "digits"), split_dir, source="sklearn.load_digits",
                      split="train", classes=[str(c) for c in d.target_names], max_count=max_count,
-                     total=len(images), progress=progress)
+                     total=len(images), progress=progress, seed=seed)
     return {"train": m}
 
 
@@ -78,8 +100,9 @@ def _find(src: Path, stem: str) -> Path:
 
 
 def fashion_mnist(src: str | Path | None, out: str | Path, max_count: int = 10_000, max_bytes: int = 0,
-                  resume: bool = True, progress: bool = True) -> dict[str, Manifest]:
-    """Fashion-MNIST idx files (train-*, t10k-*) -> splits `train` (60k) and `test` (10k)."""
+                  resume: bool = True, progress: bool = True, seed: int | None = 0) -> dict[str, Manifest]:
+    """Fashion-MNIST idx files (train-*, t10k-*) -> splits `train` (60k) and `test` (10k), in the random
+    order of `seed` (None: the files' order)."""
     src = Path(src) if src else FASHION_MNIST_DIR
     if not src.is_dir():
         raise ShardError(f"Fashion-MNIST directory {src} does not exist (apt-get install dataset-fashion-mnist)")
@@ -92,11 +115,69 @@ def fashion_mnist(src: str | Path | None, out: str | Path, max_count: int = 10_0
         out_m[split] = write_shards(array_samples(images, labels, f"fmnist_{split}"), Path(out) / split,
                                     source="fashion_mnist", split=split, classes=FASHION_MNIST_CLASSES,
                                     max_count=max_count, max_bytes=max_bytes, total=len(images), resume=resume,
-                                    progress=progress)
+                                    progress=progress, seed=seed)
     return out_m
 
 
 def digits(src: str | Path | None, out: str | Path, max_count: int = 1000, max_bytes: int = 0,
-           resume: bool = True, progress: bool = True) -> dict[str, Manifest]:
+           resume: bool = True, progress: bool = True, seed: int | None = 0) -> dict[str, Manifest]:
     del src, max_bytes, resume  # bundled with scikit-learn
-    return prepare_digits(out, max_count=max_count, progress=progress)
+    return prepare_digits(out, max_count=max_count, progress=progress, seed=seed)
+
+
+ANIMAL_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
+
+
+def _animal_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 10,000 28x28 silhouettes and labels that PyPI's animal-mnist 0.4 ships (gzipped pickles of
+    numpy arrays; read from the pinned version only), without its exact duplicates."""
+    import gzip
+    import importlib.resources
+    import pickle
+
+    try:
+        base = importlib.resources.files("animal_mnist") / "data" / "Animal_MNIST"
+    except ModuleNotFoundError:
+        raise ShardError("animal-mnist is not installed: pip install --no-deps animal-mnist==0.4 "
+                         "(launch/setup.sh does)") from None
+    with gzip.open(base / "animal_data_version_3.gz", "rb") as f:
+        images = np.asarray(pickle.load(f), dtype=np.uint8)
+    with gzip.open(base / "animal_label_version_3.gz", "rb") as f:
+        labels = np.asarray(pickle.load(f), dtype=np.int64)
+    if images.shape != (len(labels), 28, 28):
+        raise ShardError(f"animal-mnist: unexpected arrays {images.shape} / {labels.shape}")
+    # 284 images appear twice; a clustering score should not count them twice.
+    _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)
+    keep = np.sort(first)
+    return images[keep], labels[keep]
+
+
+def prepare_animals(root: str | Path, max_count: int = 2000, progress: bool = False,
+                    seed: int | None = 0) -> dict[str, Manifest]:
+    """animal-mnist's 9,716 distinct silhouettes of 10 animals as split `train` (no official test split:
+    clustered as a whole, like the digits). The package ships them sorted by class."""
+    split_dir = Path(root) / "train"
+    written = _written(split_dir, seed)
+    if written is not None:
+        return {"train": written}
+    images, labels = _animal_arrays()
+    m = write_shards(array_samples(images, labels, "animal"), split_dir, source="animal_mnist==0.4",
+                     split="train", classes=ANIMAL_CLASSES, max_count=max_count, total=len(images),
+                     progress=progress, seed=seed)
+    return {"train": m}
+
+
+def prepare_fashion_mnist(root: str | Path, seed: int | None = 0) -> dict[str, Manifest]:
+    """Debian's Fashion-MNIST as splits `train` (60k) and `test` (10k), written once."""
+    root = Path(root)
+    if all(_written(root / s, seed) is not None for s in ("train", "test")):
+        return {s: read_manifest(root / s) for s in ("train", "test")}
+    return fashion_mnist(None, root, progress=False, seed=seed)
+
+
+# The built-in data sets (config key data.prepare): name -> writer of its shards into a root.
+PREPARE: dict[str, Callable[[Path], dict[str, Manifest]]] = {
+    "digits": prepare_digits,
+    "fashion_mnist": prepare_fashion_mnist,
+    "animals": prepare_animals,
+}
