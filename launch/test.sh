@@ -6,5 +6,5 @@ bash launch/setup.sh
 # Two cores shared by torch's intra-op pool and our multi-process tests: oversubscription made
 # single forwards ~50x slower here, so each process gets one thread unless the caller says otherwise.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-.venv/bin/ruff check scp_dist tests launch
+.venv/bin/ruff check scp_dist tests launch benchmarks
 exec .venv/bin/python -m pytest -q "$@"

@@ -24,7 +24,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"train.resume=true but there is no checkpoint at {path}")
+        raise CheckpointError(f"train.resume=true but there is no checkpoint at {path} "
+                              "(train.resume=auto starts fresh when there is none)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which

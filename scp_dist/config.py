@@ -21,6 +21,7 @@ PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BACKBONE_SPEED_ONLY = ("compile", "channels_last", "max_batch", "shrink_on_oom")
 LOADERS = ("auto", "dali", "torch")
 HEAD_SELECT = ("loss", "agreement", "consensus")
+RESUME = ("false", "true", "auto")
 # Where each built-in data set (data.prepare) lives; preparation never writes anywhere else.
 BUILTIN_ROOTS = {"digits": "data/digits", "fashion_mnist": "data/fashion_mnist", "animals": "data/animals"}
 
@@ -118,7 +119,9 @@ class TrainConfig:
     global_batch: int = 512
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    resume: bool = False
+    # false: start fresh; true: continue from output's checkpoint.pt (an error if there is none);
+    # auto: continue when a checkpoint is there, else start (what launchers and requeues use).
+    resume: str = "false"
     max_steps: int = 0  # >0 stops early (debugging)
     log_every: int = 10
     eval_batch: int = 1024
@@ -203,6 +206,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = OmegaConf.merge(*layers)
         OmegaConf.resolve(cfg)
         _derive_names(cfg)
+        cfg.train.resume = str(cfg.train.resume).lower()  # `train.resume=true` arrives as the bool True
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
         raise ConfigError(f"config key '{_key_of(e)}': {msg}") from e
@@ -245,6 +249,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.global_batch >= 2, "train.global_batch", f"must be >= 2, got {cfg.train.global_batch}")
     _check(cfg.train.eval_batch >= 1, "train.eval_batch", "must be >= 1")
     _check(cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0")
+    _check(cfg.train.resume in RESUME, "train.resume", f"{cfg.train.resume!r} is not one of {'|'.join(RESUME)}")
     _check(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     _check(cfg.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto|fp32|bf16|fp16")
     _check(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "auto|cpu|cuda")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,27 +42,21 @@ def autocast_context(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def predict(loader, backbone: torch.nn.Module, head: torch.nn.Module, st: D.DistState, precision: str,
-            want_features: bool = False, progress=None) -> Predictions | None:
-    """Run every rank over its eval range; rank 0 returns everything in canonical order, others None."""
+def predict(batches: Iterable[tuple[torch.Tensor, list[str], torch.Tensor]], head: torch.nn.Module,
+            st: D.DistState, keep_features: bool = False) -> Predictions | None:
+    """features -> head for this rank's (features, keys, labels) batches of a split (from either
+    feature source); rank 0 returns every rank's results in canonical order, the others None."""
     head_was_training = head.training
     head.eval()
     keys: list[str] = []
     labels, clusters, conf, feats = [], [], [], []
-    batches = progress(loader) if progress is not None else loader
-    for batch in batches:
-        if not batch.keys:
-            continue
-        x = batch.views[0].to(st.device, non_blocking=True)
-        with autocast_context(st.device, precision):
-            f = backbone(x)
-            p = head(f).float().softmax(-1)  # (H, n, K)
-        c, k = p.max(-1)
-        keys.extend(batch.keys)
-        labels.append(batch.labels.cpu().numpy())
+    for f, batch_keys, batch_labels in batches:
+        c, k = head(f.float()).float().softmax(-1).max(-1)  # (H, n)
+        keys.extend(batch_keys)
+        labels.append(batch_labels.cpu().numpy())
         clusters.append(k.cpu().numpy())
         conf.append(c.cpu().numpy())
-        if want_features:
+        if keep_features:
             feats.append(f.float().cpu().numpy())
     head.train(head_was_training)
     local = (
@@ -72,7 +67,7 @@ def predict(loader, backbone: torch.nn.Module, head: torch.nn.Module, st: D.Dist
         np.concatenate(feats) if feats else None,
     )
     parts = D.gather_objects(local)
-    if not st.is_main:
+    if parts is None:
         return None
     parts = [p for p in parts if p[0]]  # ranks with an empty eval range
     return Predictions(
@@ -80,7 +75,7 @@ def predict(loader, backbone: torch.nn.Module, head: torch.nn.Module, st: D.Dist
         labels=np.concatenate([p[1] for p in parts]),
         clusters=np.concatenate([p[2] for p in parts], axis=1),
         confidence=np.concatenate([p[3] for p in parts], axis=1),
-        features=np.concatenate([p[4] for p in parts]) if want_features else None,
+        features=np.concatenate([p[4] for p in parts]) if keep_features else None,
     )
 
 

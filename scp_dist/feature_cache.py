@@ -31,7 +31,7 @@ import hashlib
 import json
 import logging
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,9 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from scp_dist import distributed as D
 from scp_dist.config import backbone_identity
-from scp_dist.data import plan as P
 from scp_dist.data.loader import build_eval_loader, build_pair_loader
-from scp_dist.evaluate import Predictions, autocast_context
+from scp_dist.evaluate import autocast_context
 from scp_dist.fileio import atomic_write, atomic_write_text
 from scp_dist.models.backbones import Backbone
 from scp_dist.runlog import progress
@@ -324,81 +323,3 @@ def load_kind(root: Path, split: str, kind: str, with_keys: bool = True) -> Spli
         parts=[t[3] for t in loaded],
         starts=np.cumsum([0] + [len(t[0]) for t in loaded[:-1]]).astype(np.int64),
     )
-
-
-class _AbsentCounts:
-    """Samples the plan asked for that the cache lacks (skipped at extraction), this epoch."""
-
-    def __init__(self) -> None:
-        self.absent = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"absent_from_cache": self.absent}
-
-
-class CachedFeatures:
-    """Per step: the streaming job's plan (plan.py) for this rank, read from cached pair epoch % M
-    and yielded as ([view a; view b] float32 features, n), like the streaming feature source."""
-
-    def __init__(self, cfg: DictConfig, st: D.DistState, root: Path) -> None:
-        self.cfg, self.st, self.root = cfg, st, root
-        manifest = read_manifest(Path(cfg.data.root) / cfg.data.train_split)
-        self.counts = [s.num_samples for s in manifest.shards]
-        self.num_samples = manifest.num_samples
-        if self.num_samples < cfg.train.global_batch:
-            raise ShardError(f"{cfg.data.train_split}: {self.num_samples} samples, fewer than "
-                             f"train.global_batch={cfg.train.global_batch}: an epoch would have no step")
-        self.steps = P.steps_per_epoch(self.num_samples, cfg.train.global_batch)
-        self.stats = _AbsentCounts()
-        self.epoch = 0
-        self._pair: tuple[int, SplitFeatures, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.stats.absent = 0
-
-    def _load_pair(self) -> tuple[SplitFeatures, np.ndarray]:
-        m = self.epoch % self.cfg.cache.num_pairs
-        if self._pair is None or self._pair[0] != m:
-            pair = load_kind(pairs_dir(self.cfg, self.root), self.cfg.data.train_split, pair_kind(m),
-                             with_keys=False)
-            row_of = np.full(self.num_samples, -1, dtype=np.int64)  # global index -> row; -1: absent
-            row_of[pair.index] = np.arange(len(pair.index))
-            self._pair = (m, pair, row_of)
-        return self._pair[1], self._pair[2]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        pair, row_of = self._load_pair()
-        cfg = self.cfg
-        for indices in P.train_plan(self.counts, cfg.train.global_batch, self.st.world_size, self.st.rank,
-                                    cfg.train.seed, self.epoch, cfg.data.order, cfg.data.shuffle_buffer):
-            rows = row_of[indices]
-            self.stats.absent += int((rows < 0).sum())
-            f = torch.from_numpy(pair.take(rows[rows >= 0]))  # (n, 2, D)
-            feats = torch.cat([f[:, 0], f[:, 1]])  # [a; b], as the head sees streamed views
-            yield feats.to(self.st.device, torch.float32, non_blocking=True), len(f)
-
-
-def predict_cached(root: Path, split: str, *, head: torch.nn.Module, st: D.DistState,
-                   want_features: bool = False) -> Predictions | None:
-    """Rank 0 clusters the cached plain features of a split (the head is tiny); the others return None."""
-    if not st.is_main:
-        return None
-    plain = load_kind(root, split, "plain")
-    feats = plain.feats[0]
-    was_training = head.training
-    head.eval()
-    clusters, conf = [], []
-    with torch.no_grad():
-        for chunk in feats.split(8192):
-            c, k = head(chunk.to(st.device, torch.float32)).float().softmax(-1).max(-1)
-            clusters.append(k.cpu().numpy())
-            conf.append(c.cpu().numpy())
-    head.train(was_training)
-    assert plain.keys is not None and plain.labels is not None
-    return Predictions(keys=plain.keys, labels=plain.labels, clusters=np.concatenate(clusters, axis=1),
-                       confidence=np.concatenate(conf, axis=1),
-                       features=feats.float().numpy() if want_features else None)

@@ -10,8 +10,6 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +28,11 @@ from scp_dist.config import (
     run_dir,
     save_config,
 )
-from scp_dist.data.loader import TrainLoader, build_eval_loader, build_train_loader
-from scp_dist.evaluate import Predictions, autocast_context, predict, report
-from scp_dist.feature_cache import (
-    CachedFeatures,
-    CacheMismatchError,
-    cache_dir,
-    extract_features,
-    predict_cached,
-)
-from scp_dist.loss import scp_loss
-from scp_dist.models.backbones import Backbone, build_backbone
+from scp_dist.evaluate import autocast_context, predict, report
+from scp_dist.feature_cache import CacheMismatchError
+from scp_dist.features import FeatureSource, build_source
+from scp_dist.loss import LossTerms, scp_loss
+from scp_dist.models.backbones import build_backbone
 from scp_dist.models.head import SCPHead
 from scp_dist.runlog import JsonlLog, log, progress, setup_logging
 from scp_dist.schedule import lr_at
@@ -92,94 +84,36 @@ def check_data(cfg: DictConfig) -> None:
                               "the training split only") from e
 
 
-def build_models(cfg: DictConfig, st: D.DistState) -> tuple[Backbone, SCPHead]:
-    backbone = build_backbone(cfg.backbone).to(st.device)
-    head = SCPHead(
-        backbone.feature_dim,
-        list(cfg.head.hidden),
-        cfg.head.num_clusters,
-        num_heads=cfg.head.num_heads,
-        activation=cfg.head.activation,
-        seed=cfg.train.seed,
-    ).to(st.device)
-    return backbone, head
+def build_head(cfg: DictConfig, feature_dim: int, st: D.DistState) -> SCPHead:
+    return SCPHead(feature_dim, list(cfg.head.hidden), cfg.head.num_clusters, num_heads=cfg.head.num_heads,
+                   activation=cfg.head.activation, seed=cfg.train.seed).to(st.device)
 
 
-class StreamFeatures:
-    """Per step: a batch of two fresh views per image through the frozen backbone -> [a; b] features."""
-
-    def __init__(self, loader: TrainLoader, backbone: Backbone, device: torch.device, precision: str) -> None:
-        self.loader, self.backbone, self.device, self.precision = loader, backbone, device, precision
-        self.num_samples = loader.manifest.num_samples
-        self.stats = loader.stats
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        for batch in self.loader:
-            views = torch.cat(batch.views).to(self.device, non_blocking=True)  # [a; b], one backbone call
-            # no_grad, not inference_mode: the head saves these features for its weight gradients,
-            # which autograd refuses to do with inference tensors.
-            with torch.no_grad(), autocast_context(self.device, self.precision):
-                feats = self.backbone(views)
-            yield feats, len(batch.keys)
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               feats: torch.Tensor, n: int, cfg: DictConfig, precision: str, lr: float) -> LossTerms:
+    """One optimisation step on this rank's [view a; view b] features of n images; the loss (and so
+    the gradient after DDP's averaging) is the global batch's (scp_dist/loss.py)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with autocast_context(feats.device, precision):
+        logits = model(feats)  # (H, 2n, K)
+    out = scp_loss(logits[:, :n], logits[:, n:], alpha=cfg.loss.alpha, ce_reduction=cfg.loss.ce_reduction,
+                   eps=cfg.loss.eps)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(out.loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return out
 
 
-def predict_stream(cfg: DictConfig, st: D.DistState, backbone: Backbone, head: SCPHead, precision: str,
-                   split: str) -> Predictions | None:
-    """Every sample of a split once, unaugmented, through backbone and head; rank 0 gets the result."""
-    loader = build_eval_loader(
-        Path(cfg.data.root) / split, cfg.data, world_size=st.world_size, rank=st.rank,
-        batch_size=cfg.train.eval_batch, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std,
-        device=st.device,
-    )
-    return predict(loader, backbone, head, st, precision, want_features=cfg.output.kmeans,
-                   progress=lambda it: progress(it, st.is_main, desc=f"eval {split}"))
-
-
-def train(cfg: DictConfig, st: D.DistState) -> dict:
-    check_world_size(cfg, st.world_size)
-    prepare_data(cfg, st)
-    out_dir = run_dir(cfg)
-    if st.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    precision = resolve_precision(cfg.train.precision, st.device)
-
-    backbone, head = build_models(cfg, st)
-    log.info(
-        "backbone %s: %d-d features at %dpx; head %s; world size %d on %s (%s)",
-        backbone.name, backbone.feature_dim, backbone.image_size, head.extra_repr(), st.world_size, st.device, precision,
-    )
-    model: torch.nn.Module = DDP(head, device_ids=[st.device.index] if st.device.type == "cuda" else None) if st.distributed else head
-    opt = torch.optim.Adam(
-        head.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
-    )
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-
-    predict_split: Callable[[str], Predictions | None]
-    if cfg.train.mode == "cached":
-        root = cache_dir(cfg)
-        extract_features(cfg, st, backbone, root, precision)
-        del backbone  # training and evaluation read the cache: give the backbone's memory back now
-        if st.device.type == "cuda":
-            torch.cuda.empty_cache()
-        source: StreamFeatures | CachedFeatures = CachedFeatures(cfg, st, root)
-        predict_split = partial(predict_cached, root, head=head, st=st, want_features=cfg.output.kmeans)
-    else:
-        loader = build_train_loader(
-            Path(cfg.data.root) / cfg.data.train_split, cfg.data, cfg.augment,
-            world_size=st.world_size, rank=st.rank, global_batch=cfg.train.global_batch,
-            image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, seed=cfg.train.seed, device=st.device,
-        )
-        source = StreamFeatures(loader, backbone, st.device, precision)
-        predict_split = partial(predict_stream, cfg, st, backbone, head, precision)
+def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, out_dir: Path,
+        precision: str) -> torch.Tensor:
+    """The training loop, resumable at epoch ends; returns the last epoch's mean loss per head."""
+    model: torch.nn.Module = DDP(head, device_ids=[st.device.index] if st.device.type == "cuda" else None) \
+        if st.distributed else head
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                           weight_decay=cfg.optim.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # a no-op unless fp16
     steps_per_epoch = len(source)
     total_steps = steps_per_epoch * cfg.train.epochs  # the schedule's length; max_steps only stops early
     stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
@@ -189,16 +123,18 @@ def train(cfg: DictConfig, st: D.DistState) -> dict:
     fingerprint = config_fingerprint(cfg)
     ckpt_path = out_dir / CHECKPOINT_NAME
     start_epoch, step = 0, 0
-    if cfg.train.resume:
+    head_losses = torch.zeros(cfg.head.num_heads)
+    if cfg.train.resume == "true" or (cfg.train.resume == "auto" and ckpt_path.is_file()):
         state = load_checkpoint(ckpt_path, fingerprint)
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state.get("scaler", {}))
         start_epoch, step = state["epoch"], state["step"]
+        # A run resumed after its last epoch goes straight to evaluation: the head choice needs these.
+        head_losses = torch.tensor(state.get("head_losses", head_losses.tolist()))
         log.info("resumed from %s at epoch %d, step %d", ckpt_path, start_epoch, step)
 
     jsonl = JsonlLog(out_dir / "metrics.jsonl" if st.is_main else None)
-    head_losses = torch.zeros(cfg.head.num_heads)
-    alpha = cfg.loss.alpha
     # One bar for the run, the epoch in its postfix: a bar per epoch floods logs when epochs are short.
     bar = progress(None, st.is_main, desc="train", total=stop_at, initial=step)
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -213,19 +149,7 @@ def train(cfg: DictConfig, st: D.DistState) -> dict:
             if step >= stop_at:
                 break  # every rank sees the same stop_at, so all stop together
             lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with autocast_context(st.device, precision):
-                logits = model(feats)  # feats = [view a; view b]
-            out = scp_loss(logits[:, :n], logits[:, n:], alpha=alpha, ce_reduction=cfg.loss.ce_reduction, eps=cfg.loss.eps)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(out.loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                out.loss.backward()
-                opt.step()
+            out = train_step(model, opt, scaler, feats, n, cfg, precision, lr)
             step += 1
             epoch_steps += 1
             bar.update(1)
@@ -249,25 +173,54 @@ def train(cfg: DictConfig, st: D.DistState) -> dict:
         completed = epoch + 1 if epoch_steps == steps_per_epoch else epoch
         if st.is_main:
             save_checkpoint(ckpt_path, {
-                "head": head.state_dict(), "optimizer": opt.state_dict(),
+                "head": head.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": completed, "step": completed * steps_per_epoch, "fingerprint": fingerprint,
                 "head_losses": head_losses.tolist(),
             })
         jsonl.write(kind="epoch", epoch=epoch, step=step, loss=head_losses.tolist(), skipped=skipped)
     bar.close()
+    jsonl.close()
     log.info("final mean loss per head: %s", ", ".join(f"{v:.4f}" for v in head_losses.tolist()))
-    D.barrier()
+    del model, opt  # the DDP reducer must die before the process group (distributed.teardown)
+    return head_losses
 
+
+def evaluate(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, head_losses: torch.Tensor,
+             out_dir: Path) -> dict:
+    """Every split through features -> head; rank 0 chooses, scores (next to k-means) and writes."""
     splits = list(dict.fromkeys(filter(None, [cfg.data.train_split, cfg.data.test_split])))
-    preds = {split: predict_split(split) for split in splits}  # rank 0 holds them, the others None
+    preds = {split: predict(source.eval_batches(split), head, st, keep_features=cfg.output.kmeans)
+             for split in splits}  # rank 0 holds them, the others None
     results = report(cfg, preds, head_losses, out_dir) if st.is_main else None
     results = D.broadcast_object(results)
-    jsonl.write(kind="eval", **results)
-    jsonl.close()
-    del model, opt
     if st.is_main:
+        JsonlLog(out_dir / "metrics.jsonl").write(kind="eval", **results)
         results["predictions"] = preds
     return results
+
+
+def train(cfg: DictConfig, st: D.DistState) -> dict:
+    """build -> fit -> evaluate. Every rank calls it; rank 0's result holds the predictions."""
+    check_world_size(cfg, st.world_size)
+    prepare_data(cfg, st)
+    out_dir = run_dir(cfg)
+    if st.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    precision = resolve_precision(cfg.train.precision, st.device)
+    backbone = build_backbone(cfg.backbone).to(st.device)
+    head = build_head(cfg, backbone.feature_dim, st)
+    log.info("backbone %s: %d-d features at %dpx; head %s; world size %d on %s (%s)", backbone.name,
+             backbone.feature_dim, backbone.image_size, head.extra_repr(), st.world_size, st.device, precision)
+    source = build_source(cfg, st, backbone, precision)
+    del backbone  # cached mode: nothing holds it any more, its memory goes back before training
+    if st.device.type == "cuda":
+        torch.cuda.empty_cache()
+    head_losses = fit(cfg, st, source, head, out_dir, precision)
+    D.barrier()
+    return evaluate(cfg, st, source, head, head_losses, out_dir)
 
 
 def _global_skip_counts(stats, st: D.DistState) -> dict[str, int]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from scp_dist.config import BackboneConfig
+from scp_dist.config import BackboneConfig, ConfigError
 from scp_dist.models.backbones import (
     LITE0_CHECKPOINT,
     Backbone,
@@ -233,11 +233,11 @@ def test_mix_concatenates_sub_features_in_order():
 
 
 def test_mix_needs_two_and_rejects_unknown_fields():
-    with pytest.raises(ValueError, match="at least two"):
+    with pytest.raises(ConfigError, match="at least two"):
         build_backbone(cfg(name="mix", mix=[MIX[1]]))
-    with pytest.raises(ValueError, match=r"backbone.mix\[1\]: unknown field\(s\) \['modle'\]"):
+    with pytest.raises(ConfigError, match=r"backbone.mix\[1\]: unknown field\(s\) \['modle'\]"):
         build_backbone(cfg(name="mix", mix=[MIX[1], {"name": "timm", "modle": "resnet18"}]))
-    with pytest.raises(ValueError, match="backbone.name: unknown backbone"):
+    with pytest.raises(ConfigError, match="backbone.name: unknown backbone"):
         build_backbone(cfg(name="resnet"))
     # Partial dicts take the BackboneConfig defaults.
     assert backbone_from_dict({"name": "pixels"}).feature_dim == 192
@@ -308,10 +308,10 @@ def test_lite0_remap_rejects_other_architectures(lite0_path):
     import timm
 
     sd = torch.load(lite0_path, map_location="cpu", weights_only=True)
-    with pytest.raises(ValueError, match="has 21 blocks"):
+    with pytest.raises(ConfigError, match="has 21 blocks"):
         remap_lukemelas_efficientnet(sd, timm.create_model("tf_efficientnet_lite1"))
     b0 = timm.create_model("tf_efficientnet_b0")  # same 16 blocks, but with squeeze-excitation
-    with pytest.raises(ValueError, match=r"missing keys \['blocks.0.0.se.conv_expand.bias'"):
+    with pytest.raises(ConfigError, match=r"missing keys \['blocks.0.0.se.conv_expand.bias'"):
         load_state_dict_checked(b0, remap_lukemelas_efficientnet(sd, b0), "lite0")
 
 

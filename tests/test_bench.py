@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from scp_dist.bench import common as C
-from scp_dist.bench.__main__ import main
-from scp_dist.bench.scaling import ratios_to_linear, throughput
+from benchmarks.bench import common as C
+from benchmarks.bench.__main__ import main
+from benchmarks.bench.scaling import ratios_to_linear, throughput
 
 
 @pytest.fixture()

@@ -19,17 +19,8 @@ from scp_dist.feature_cache import CacheMismatchError, extract_features, load_ki
 from scp_dist.models.backbones import build_backbone
 from scp_dist.shards.manifest import read_manifest
 from scp_dist.train import train
+from tests.conftest import bad_dataset, head_params, overrides, run_cli
 from tests.dist_helpers import run_gloo
-from tests.test_train_e2e import head_params, overrides, run_cli
-
-
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory) -> Path:
-    from scp_dist.shards.sources import prepare_digits
-
-    root = tmp_path_factory.mktemp("digits")
-    prepare_digits(root)
-    return root
 
 
 def cached_cfg(tmp: Path, data_root: Path, **kw):
@@ -86,6 +77,7 @@ def _extract_rank(rank: int, world: int, cfg_path: str) -> None:
     extract_features(cfg, st, build_backbone(cfg.backbone), Path(cfg.cache.dir), "fp32")
 
 
+@pytest.mark.slow
 def test_two_ranks_write_the_same_cache_as_one(tmp_path, digits_root):
     from omegaconf import OmegaConf
 
@@ -171,6 +163,7 @@ def test_cached_job_trains_resumes_and_evaluates(tmp_path, digits_root):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cached_mode_under_torchrun(tmp_path, digits_root):
     args = overrides(tmp_path, digits_root, **{"train.mode": "cached", "cache.num_pairs": 1,
                                                "output.run_name": "tr"})
@@ -185,11 +178,10 @@ def test_cached_mode_under_torchrun(tmp_path, digits_root):
 
 
 def test_bad_samples_are_absent_from_the_cache_and_counted(tmp_path):
-    from scp_dist.feature_cache import CachedFeatures
-    from tests.test_data import _bad_dataset
+    from scp_dist.features import CachedFeatures
 
     data = tmp_path / "bad"
-    _bad_dataset(data / "train")
+    bad_dataset(data / "train")
     cfg = load_config("demo_digits", overrides(tmp_path, data, **{
         "data.prepare": "", "data.test_split": "", "train.global_batch": 10, "train.mode": "cached",
         "cache.num_pairs": 1, "cache.dir": str(tmp_path / "cache")}))

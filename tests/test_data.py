@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from scp_dist.data.augment_torch import ViewSpec, decode_rgb, draw_view
 from scp_dist.data.loader import DataError, build_eval_loader, build_train_loader
 from scp_dist.shards.sources import encode_png
 from scp_dist.shards.writer import Sample, write_shards
+from tests.conftest import bad_dataset
 from tests.dist_helpers import run_gloo
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -193,32 +192,8 @@ def test_eval_loader_is_unaugmented_and_complete(tmp_path):
     assert keys == [f"k{i:05d}" for i in range(23)] and labels == [i % 4 for i in range(23)]
 
 
-def _bad_dataset(root: Path) -> Path:
-    """Three shards: one with a corrupt PNG and a sample with no image, one truncated, one intact."""
-    good = encode_png(np.full((8, 8, 3), 100, np.uint8))
-    items = [Sample(f"k{i:03d}", good, "png", 0) for i in range(30)]
-    items[3] = Sample("k003", b"\x89PNG\r\n\x1a\n" + b"garbage" * 20, "png", 0)
-    write_shards(items, root, source="t", split="train", classes=["a"], max_count=10, progress=False)
-    # rewrite shard 0 so that sample k005 has a label but no image (same sample count)
-    tar0 = root / "shard-000000.tar"
-    with tarfile.open(tar0) as t:
-        members = [(m.name, t.extractfile(m).read()) for m in t]
-    with tarfile.open(tar0, "w") as t:
-        for name, data in members:
-            if name != "k005.png":
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                t.addfile(info, io.BytesIO(data))
-    from scp_dist.shards.writer import write_index
-
-    write_index(tar0, tar0.with_suffix(".idx"))
-    tar1 = root / "shard-000001.tar"
-    tar1.write_bytes(tar1.read_bytes()[:2048])  # truncated: most of shard 1 is gone
-    return root
-
-
 def test_bad_samples_are_counted_and_skipped(tmp_path, caplog):
-    root = _bad_dataset(tmp_path / "bad")
+    root = bad_dataset(tmp_path / "bad")
     ld = train_loader(root, 1, 0, batch=10, on_error="skip")
     ld.set_epoch(0)
     keys = [k for b in ld for k in b.keys]
@@ -233,7 +208,7 @@ def test_bad_samples_are_counted_and_skipped(tmp_path, caplog):
 
 
 def test_bad_samples_raise_when_asked(tmp_path):
-    root = _bad_dataset(tmp_path / "bad")
+    root = bad_dataset(tmp_path / "bad")
     ld = train_loader(root, 1, 0, batch=30, on_error="raise")
     with pytest.raises(DataError, match="k00[35]|truncated"):
         list(ld)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # several processes or whole jobs: tens of seconds
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -15,6 +15,8 @@ from scp_dist.loss import scp_loss
 from scp_dist.models.head import SCPHead
 from tests.dist_helpers import run_gloo
 
+pytestmark = pytest.mark.slow  # several processes or whole jobs: tens of seconds
+
 D_IN, K = 12, 5
 
 

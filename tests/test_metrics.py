@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from scp_dist.metrics import ari, cluster_acc, clustering_scores, contingency, nmi
 
@@ -36,21 +35,15 @@ def test_nmi_ari_hand_computed():
 
 
 @pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("k", [2, 7, 15])
-def test_agree_with_sklearn(seed, k):
+def test_acc_is_the_best_one_to_one_map(seed):
+    """Hungarian ACC equals the best of all K! cluster->class maps (K = 5, brute force)."""
+    import itertools
+
     rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, size=300)
-    p = np.where(rng.random(300) < 0.6, y % k, rng.integers(0, k, size=300))
-    assert nmi(y, p) == pytest.approx(normalized_mutual_info_score(y, p), abs=1e-10)
-    assert ari(y, p) == pytest.approx(adjusted_rand_score(y, p), abs=1e-10)
-
-
-def test_degenerate_labelings_match_sklearn():
-    y = np.array([0, 1, 2, 3])
-    one = np.zeros(4, dtype=int)
-    assert nmi(y, one) == pytest.approx(normalized_mutual_info_score(y, one))
-    assert ari(y, one) == pytest.approx(adjusted_rand_score(y, one))
-    assert ari(one, one) == pytest.approx(adjusted_rand_score(one, one))
+    y = rng.integers(0, 5, size=200)
+    p = np.where(rng.random(200) < 0.5, (y + 2) % 5, rng.integers(0, 5, size=200))
+    best = max(np.mean(np.asarray(perm)[p] == y) for perm in itertools.permutations(range(5)))
+    assert cluster_acc(y, p) == pytest.approx(best)
 
 
 def test_scores_ignore_unlabelled_and_check_lengths():

@@ -9,57 +9,17 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from scp_dist.checkpoint import CheckpointError
-from scp_dist.config import load_config
+from scp_dist.config import ConfigError, load_config
 from scp_dist.distributed import DistState
 from scp_dist.train import train
+from tests.conftest import REPO, head_params, overrides, run_cli
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def overrides(tmp: Path, data_root: Path, **kw) -> list[str]:
-    base = {
-        "data.root": str(data_root),
-        "output.dir": str(tmp / "runs"),
-        "train.epochs": 2,
-        "train.global_batch": 256,
-        "train.log_every": 1,
-        "data.num_workers": 0,
-        "data.loader": "torch",
-        "train.mode": "stream",  # the demo config's recipe is cached; these tests exercise streaming
-    }
-    base.update(kw)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory) -> Path:
-    from scp_dist.shards.sources import prepare_digits
-
-    root = tmp_path_factory.mktemp("digits")
-    prepare_digits(root)
-    return root
-
-
-def run_cli(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess:
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    else:
-        cmd = [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*cmd, "-m", "scp_dist.train", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def head_params(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoint.pt", weights_only=False)["head"]
+pytestmark = pytest.mark.slow  # several processes or whole jobs: tens of seconds
 
 
 def test_single_process_run_writes_everything(tmp_path, digits_root):
@@ -153,6 +113,10 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, digits_root):
     assert "Traceback" not in small.stderr and not (tmp_path / "runs").exists()  # refused before anything ran
     no_test = cli(f"data.root={digits_root}", "data.test_split=test", f"output.dir={tmp_path / 'runs'}")
     assert no_test.returncode == 2 and "data.test_split" in no_test.stderr and "Traceback" not in no_test.stderr
+    model = cli(f"data.root={digits_root}", "backbone.name=timm", "backbone.model=resnet_nope",
+                f"output.dir={tmp_path / 'runs'}")
+    assert model.returncode == 2 and "Traceback" not in model.stderr
+    assert "error (rank 0): backbone.model: timm has no model 'resnet_nope'" in model.stderr
 
 
 def test_a_run_with_no_config_finishes_and_names_itself_from_the_data(tmp_path):
@@ -168,3 +132,20 @@ def test_a_run_with_no_config_finishes_and_names_itself_from_the_data(tmp_path):
     # One progress bar for the run (its start and end lines off a terminal), not one per epoch.
     bars = [line for line in re.split(r"[\r\n]", proc.stderr) if line.startswith("train:")]
     assert 1 <= len(bars) <= 3 and "epoch=1/1" in bars[-1]
+
+
+def test_resume_auto_starts_fresh_then_continues_with_the_head_losses(tmp_path, digits_root):
+    st = DistState()
+    args = overrides(tmp_path, digits_root, **{"output.run_name": "auto", "train.resume": "auto",
+                                                "output.kmeans": "false"})
+    first = train(load_config("demo_digits", args), st)  # no checkpoint yet: starts
+    # Resumed after its last epoch (as a job preempted during evaluation would be): no step runs, and
+    # the head choice sees the saved final losses, not zeros.
+    again = train(load_config("demo_digits", args), st)
+    assert again["head_losses"] == first["head_losses"] and min(first["head_losses"]) < 0
+    assert again["splits"]["train"]["scores"] == first["splits"]["train"]["scores"]
+    strict = overrides(tmp_path, digits_root, **{"output.run_name": "fresh", "train.resume": "true"})
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(load_config("demo_digits", strict), st)
+    with pytest.raises(ConfigError, match="train.resume"):
+        load_config("demo_digits", ["train.resume=maybe"])

@@ -10,19 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import overrides
 from tests.dist_helpers import run_gloo
-from tests.test_train_e2e import overrides
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory) -> Path:
-    from scp_dist.shards.sources import prepare_digits
-
-    root = tmp_path_factory.mktemp("digits")
-    prepare_digits(root)
-    return root
 
 
 def _train_rank(rank: int, world: int, args: list[str]) -> None:

@@ -24,17 +24,14 @@ ignores it too, and both backends must see the same pixels.
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from scp_dist.data.augment_torch import ViewDraw, ViewSpec, decode_rgb, draw_view, sample_rng
+from scp_dist.data.batch import Batch
 from scp_dist.data.reader import CORRUPT_IMAGE, RawSample
-
-if TYPE_CHECKING:
-    from scp_dist.data.loader import Batch
 
 
 def _image_hw(data: bytes) -> tuple[int, int]:
@@ -194,8 +191,6 @@ class DaliViews:
         return bad
 
     def __call__(self, batch: Batch, epoch: int) -> Batch:
-        from scp_dist.data.loader import Batch
-
         skipped = list(batch.skipped)
         raws: list[RawSample] = []
         hws: list[tuple[int, int]] = []

@@ -13,8 +13,6 @@ makes its rank's batch smaller; the loss is exact for unequal per-rank batches, 
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,38 +23,12 @@ from torch.utils.data import DataLoader, Dataset
 from scp_dist.config import ConfigError
 from scp_dist.data import plan as P
 from scp_dist.data.augment_torch import ViewSpec, decode_rgb, plain_view, sample_rng, two_views
-from scp_dist.data.reader import CORRUPT_IMAGE, SKIP_REASONS, RawSample, SampleReader
+from scp_dist.data.batch import Batch, DataError, LoaderStats
+from scp_dist.data.reader import CORRUPT_IMAGE, SampleReader
 from scp_dist.shards.manifest import Manifest, ShardError, read_manifest
 
 log = logging.getLogger("scp_dist")
 _MAX_WARNINGS = 10
-
-
-class DataError(ShardError):
-    """A bad sample with data.on_error=raise."""
-
-
-@dataclass
-class Batch:
-    views: list[torch.Tensor]  # train: [view_a, view_b]; eval: [plain]; each (n, 3, S, S) float32
-    keys: list[str]
-    labels: torch.Tensor  # (n,) int64, -1 where unlabeled
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, key, detail)
-    raw: list[RawSample] | None = None  # dali backend: bytes still to be decoded
-    indices: list[int] = field(default_factory=list)  # global sample index (canonical order) of each key
-
-
-class LoaderStats:
-    """Skipped-sample counts of the current epoch, by reason."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def reset(self) -> None:
-        self.counts.clear()
-
-    def as_dict(self) -> dict[str, int]:
-        return {r: int(self.counts[r]) for r in SKIP_REASONS}
 
 
 def choose_backend(name: str) -> str:
@@ -202,23 +174,14 @@ def _eval_rows(num_samples: int, world_size: int, rank: int, batch_size: int) ->
     return [idx[i: i + batch_size] for i in range(0, len(idx), batch_size)]
 
 
-class EvalLoader(_Loader):
-    def __init__(self, split_dir: Path, data_cfg: Any, spec: ViewSpec, *, world_size: int, rank: int,
-                 batch_size: int, device: torch.device) -> None:
-        super().__init__(split_dir, data_cfg, spec, False, 0, device)
-        self._rows = _eval_rows(self.manifest.num_samples, world_size, rank, batch_size)
+class RangeLoader(_Loader):
+    """Every sample of the rank's evaluation range once, in order: plain views (evaluation), or with
+    train=True the two views streaming training draws in epoch `set_epoch(m)` (the cached-view
+    mode's input)."""
 
-    def rows(self) -> list[np.ndarray]:
-        return self._rows
-
-
-class PairLoader(_Loader):
-    """Every sample of the rank's evaluation range once, as two augmented views drawn exactly as
-    streaming training would draw them in epoch `set_epoch(m)`: the cached-view mode's input."""
-
-    def __init__(self, split_dir: Path, data_cfg: Any, spec: ViewSpec, *, world_size: int, rank: int,
-                 batch_size: int, seed: int, device: torch.device) -> None:
-        super().__init__(split_dir, data_cfg, spec, True, seed, device)
+    def __init__(self, split_dir: Path, data_cfg: Any, spec: ViewSpec, *, train: bool, world_size: int,
+                 rank: int, batch_size: int, seed: int, device: torch.device) -> None:
+        super().__init__(split_dir, data_cfg, spec, train, seed, device)
         self._rows = _eval_rows(self.manifest.num_samples, world_size, rank, batch_size)
 
     def rows(self) -> list[np.ndarray]:
@@ -226,10 +189,10 @@ class PairLoader(_Loader):
 
 
 def build_pair_loader(split_dir: Path, data_cfg: Any, aug_cfg: Any, *, world_size: int, rank: int,
-                      batch_size: int, image_size: int, mean, std, seed: int, device: torch.device) -> PairLoader:
+                      batch_size: int, image_size: int, mean, std, seed: int, device: torch.device) -> RangeLoader:
     spec = ViewSpec.from_config(aug_cfg, image_size, mean, std)
-    return PairLoader(Path(split_dir), data_cfg, spec, world_size=world_size, rank=rank, batch_size=batch_size,
-                      seed=seed, device=device)
+    return RangeLoader(Path(split_dir), data_cfg, spec, train=True, world_size=world_size, rank=rank,
+                       batch_size=batch_size, seed=seed, device=device)
 
 
 def build_train_loader(split_dir: Path, data_cfg: Any, aug_cfg: Any, *, world_size: int, rank: int,
@@ -241,7 +204,7 @@ def build_train_loader(split_dir: Path, data_cfg: Any, aug_cfg: Any, *, world_si
 
 
 def build_eval_loader(split_dir: Path, data_cfg: Any, *, world_size: int, rank: int, batch_size: int,
-                      image_size: int, mean, std, device: torch.device) -> EvalLoader:
+                      image_size: int, mean, std, device: torch.device) -> RangeLoader:
     spec = ViewSpec(int(image_size), tuple(mean), tuple(std))
-    return EvalLoader(Path(split_dir), data_cfg, spec, world_size=world_size, rank=rank, batch_size=batch_size,
-                      device=device)
+    return RangeLoader(Path(split_dir), data_cfg, spec, train=False, world_size=world_size, rank=rank,
+                       batch_size=batch_size, seed=0, device=device)

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from scp_dist.config import BackboneConfig
+from scp_dist.config import BackboneConfig, ConfigError
 
 RGB = tuple[float, float, float]
 _ZERO: RGB = (0.0, 0.0, 0.0)
@@ -188,12 +188,12 @@ def build_backbone(cfg: Any, key: str = "backbone") -> Backbone:
         bb = _build_timm(cfg, key)
     elif name == "mix":
         if len(cfg.mix) < 2:
-            raise ValueError(f"{key}.mix: mix needs a list of at least two backbone configs")
+            raise ConfigError(f"{key}.mix: mix needs a list of at least two backbone configs")
         # Each sub-config's channels_last applies to its own model; compile here wraps the whole mix.
         parts = [backbone_from_dict(d, f"{key}.mix[{i}]") for i, d in enumerate(cfg.mix)]
         bb = MixBackbone(parts, compile=bool(cfg.compile))
     else:
-        raise ValueError(f"{key}.name: unknown backbone {name!r} (pixels | open_clip | timm | mix)")
+        raise ConfigError(f"{key}.name: unknown backbone {name!r} (pixels | open_clip | timm | mix)")
     bb.max_batch = int(cfg.max_batch)
     bb.shrink_on_oom = bool(cfg.shrink_on_oom)
     bb.requires_grad_(False)
@@ -207,7 +207,7 @@ def backbone_from_dict(d: dict | DictConfig, key: str = "backbone") -> Backbone:
     raw = OmegaConf.to_container(d, resolve=True) if isinstance(d, DictConfig) else dict(d)
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise ValueError(f"{key}: unknown field(s) {unknown} (allowed: {sorted(allowed)})")
+        raise ConfigError(f"{key}: unknown field(s) {unknown} (allowed: {sorted(allowed)})")
     return build_backbone(BackboneConfig(**raw), key)
 
 
@@ -242,7 +242,7 @@ def _build_open_clip(cfg: Any, key: str) -> Backbone:
     import open_clip
 
     if cfg.checkpoint_format not in ("auto", "open_clip"):
-        raise ValueError(
+        raise ConfigError(
             f"{key}.checkpoint_format: open_clip takes auto | open_clip, got {cfg.checkpoint_format!r}"
         )
     path = _checkpoint_path(cfg, key)
@@ -251,6 +251,8 @@ def _build_open_clip(cfg: Any, key: str) -> Backbone:
     # GELU (e.g. ViT-B-32 + openai) and would silently give wrong features: force it instead.
     # A local checkpoint carries no tag; name the -quickgelu model variant for OpenAI weights.
     tag_cfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) if (cfg.pretrained and not path) else {}
+    if cfg.model not in open_clip.list_models():
+        raise ConfigError(f"{key}.model: open_clip has no model {cfg.model!r} (e.g. ViT-B-32, ViT-L-14)")
     model = open_clip.create_model(
         cfg.model,
         pretrained=pretrained,
@@ -282,17 +284,20 @@ def _build_timm(cfg: Any, key: str) -> Backbone:
     import timm
 
     if cfg.pretrained not in ("", "hub"):
-        raise ValueError(
+        raise ConfigError(
             f"{key}.pretrained: timm takes '' or 'hub' (put the tag in the model name, e.g. "
             f"vit_base_patch8_224.dino), got {cfg.pretrained!r}"
         )
     fmt = cfg.checkpoint_format
     if fmt not in ("auto", "timm", "lukemelas_efficientnet"):
-        raise ValueError(
+        raise ConfigError(
             f"{key}.checkpoint_format: timm takes auto | timm | lukemelas_efficientnet, got {fmt!r}"
         )
     path = _checkpoint_path(cfg, key)
     kwargs: dict[str, Any] = {}
+    if not timm.is_model(cfg.model):
+        raise ConfigError(f"{key}.model: timm has no model {cfg.model!r} (e.g. vit_base_patch8_224.dino, "
+                          "tf_efficientnet_lite0)")
     size = int(cfg.image_size)
     # ViTs have a fixed input size (position embeddings); convnets pool over any size.
     if size and timm.models.get_pretrained_cfg_value(cfg.model, "fixed_input_size"):
@@ -352,7 +357,7 @@ def load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], what:
         if k in sd and sd[k].shape != v.shape
     ]
     if unexpected or missing or shapes:
-        raise ValueError(
+        raise ConfigError(
             f"{what} does not fit {type(model).__name__}: {len(missing)} missing keys {missing[:8]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:8]}, {len(shapes)} shape mismatches {shapes[:8]}"
         )
@@ -398,7 +403,7 @@ def remap_lukemelas_efficientnet(sd: dict[str, torch.Tensor], model: nn.Module) 
     flat = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
     block_ids = {int(k.split(".")[1]) for k in sd if k.startswith("_blocks.")}
     if block_ids != set(range(len(flat))):
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint has blocks {sorted(block_ids)}, {type(model).__name__} has {len(flat)} blocks"
         )
     expanded = {int(k.split(".")[1]) for k in sd if k.startswith("_blocks.") and "._expand_conv." in k}
@@ -412,7 +417,7 @@ def remap_lukemelas_efficientnet(sd: dict[str, torch.Tensor], model: nn.Module) 
         else:
             layer, rest, table, prefix = parts[0], parts[1:], _LUKEMELAS_TOP, ""
         if layer not in table:
-            raise ValueError(f"lukemelas EfficientNet checkpoint: no timm name for key {k!r}")
+            raise ConfigError(f"lukemelas EfficientNet checkpoint: no timm name for key {k!r}")
         out[prefix + ".".join([table[layer], *rest])] = v
     return out
 

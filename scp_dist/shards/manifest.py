@@ -6,11 +6,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from scp_dist.fileio import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "scp_dist.shards/v1"
@@ -68,23 +69,6 @@ class Manifest:
         d = asdict(self)
         d.pop("root")
         return d
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _manifest_text(d: dict) -> str:

@@ -27,12 +27,12 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
+from scp_dist.fileio import atomic_write_text
 from scp_dist.shards.manifest import (
     MANIFEST_NAME,
     Manifest,
     ShardError,
     ShardInfo,
-    atomic_write_text,
     write_manifest,
 )
 

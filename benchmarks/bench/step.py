@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from scp_dist.bench import common as C
+from benchmarks.bench import common as C
 from scp_dist.config import load_config
 from scp_dist.evaluate import autocast_context
-from scp_dist.loss import scp_loss
 from scp_dist.models.backbones import build_backbone
 from scp_dist.models.head import SCPHead
+from scp_dist.train import train_step as job_train_step
 
 COLUMNS = [
     C.Column("backbone", "backbone"),
@@ -86,16 +86,13 @@ def _measure(p: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], l
         with torch.no_grad(), autocast_context(device, precision):
             backbone(views)
 
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+
     def train_step() -> None:
-        with autocast_context(device, precision):
-            with torch.no_grad():
-                feats = backbone(views)
-            logits = head(feats)
-        out = scp_loss(logits[:, :n], logits[:, n:], alpha=cfg.loss.alpha, ce_reduction=cfg.loss.ce_reduction,
-                       eps=cfg.loss.eps)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
+        # The job's step: the frozen forward (as StreamFeatures runs it), then scp_dist.train.train_step.
+        with torch.no_grad(), autocast_context(device, precision):
+            feats = backbone(views)
+        job_train_step(head, opt, scaler, feats, n, cfg, precision, cfg.optim.lr)
 
     for _ in range(p["warmup"]):
         forward_only()

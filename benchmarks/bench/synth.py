@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from scp_dist.bench.common import usable_cores
+from benchmarks.bench.common import usable_cores
 from scp_dist.shards.manifest import MANIFEST_NAME, read_manifest
 from scp_dist.shards.writer import Sample, write_shards
 
@@ -72,7 +72,7 @@ def synthetic_dataset(cache_dir: str | Path = DEFAULT_CACHE, n: int = 512, width
     split = root / "train"
     if (split / MANIFEST_NAME).is_file() and read_manifest(split).num_samples == n:
         return root
-    write_shards(_samples(n, width, height, quality, seed, usable_cores()), split, source="scp_dist.bench.synth", split="train",
+    write_shards(_samples(n, width, height, quality, seed, usable_cores()), split, source="benchmarks.bench.synth", split="train",
                  classes=[str(c) for c in range(NUM_CLASSES)], max_count=shard_size, total=n, progress=False)
     return root
 

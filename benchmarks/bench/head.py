@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from scp_dist.bench import common as C
-from scp_dist.evaluate import autocast_context
-from scp_dist.loss import scp_loss
+from benchmarks.bench import common as C
+from scp_dist.config import load_config
 from scp_dist.models.head import SCPHead
 from scp_dist.schedule import lr_at
+from scp_dist.train import train_step
 
 PAPER_HIDDEN = [1024, 786, 512, 1024]
 PAPER_EPOCHS = 30
@@ -76,6 +76,8 @@ def train_head(fa: torch.Tensor, fb: torch.Tensor, hidden: list[int], k: int, he
     total = steps_per_epoch * epochs
     head = SCPHead(fa.shape[1], hidden, k, num_heads=heads, seed=seed).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
+    cfg = load_config(None, [f"head.num_clusters={k}"])  # the loss settings of the job's defaults
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
     g = torch.Generator(device=device).manual_seed(seed)
     epoch_times = []
     step = 0
@@ -85,15 +87,9 @@ def train_head(fa: torch.Tensor, fb: torch.Tensor, hidden: list[int], k: int, he
         t0 = time.perf_counter()
         perm = torch.randperm(n, device=device, generator=g)
         for s in range(steps_per_epoch):
-            for grp in opt.param_groups:
-                grp["lr"] = lr_at(step, total, lr, "cosine")
             idx = perm[s * batch: (s + 1) * batch]
-            with autocast_context(device, precision):
-                logits = head(torch.cat([fa[idx], fb[idx]]))
-            out = scp_loss(logits[:, :batch], logits[:, batch:], ce_reduction="mean")
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
+            out = train_step(head, opt, scaler, torch.cat([fa[idx], fb[idx]]), batch, cfg, precision,
+                             lr_at(step, total, lr, "cosine"))
             last = out.total  # kept on the device: reading it every step would sync the GPU
             step += 1
         C.sync(device)

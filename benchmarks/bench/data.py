@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from scp_dist.bench import common as C
-from scp_dist.bench.synth import DEFAULT_CACHE, mean_file_kib, synthetic_dataset
+from benchmarks.bench import common as C
+from benchmarks.bench.synth import DEFAULT_CACHE, mean_file_kib, synthetic_dataset
 from scp_dist.config import ConfigError, load_config
 from scp_dist.data.loader import build_train_loader
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from scp_dist.bench import common as C
-from scp_dist.bench.synth import DEFAULT_CACHE, synthetic_dataset
+from benchmarks.bench import common as C
+from benchmarks.bench.synth import DEFAULT_CACHE, synthetic_dataset
 
 COLUMNS = [
     C.Column("ranks", "ranks"),
@@ -133,7 +133,7 @@ def run_job(p: dict[str, Any], nprocs: int, data_root: Path, runs_dir: Path, dev
             raise RuntimeError(f"training with {nprocs} ranks failed (rc={proc.returncode}):\n"
                                f"{' '.join(cmd)}\n{stdout[-2000:]}\n{stderr[-4000:]}")
         # All work done and logged, then a non-zero exit: the known gloo teardown crash
-        # (shared/ENVIRONMENT.md); the throughput it logged is still valid.
+        # (scp_dist/distributed.py, teardown); the throughput it logged is still valid.
         notes.append(f"{nprocs} ranks: exited rc={proc.returncode} after finishing (teardown); numbers kept")
     ips, used = throughput(records, p["warmup_records"])
     row = {"ranks": nprocs, "device": device, "threads_per_rank": threads, "img_per_s": ips, "records": used,

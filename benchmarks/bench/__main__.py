@@ -1,4 +1,4 @@
-"""python -m scp_dist.bench <name> [options]
+"""python -m benchmarks.bench <name> [options]
 
   data     images/s of decode + two augmented views: torch workers vs DALI (CPU; GPU when present)
   step     full training step vs backbone-only forward (images/s, ratio; goal >= 0.9)
@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scp_dist.bench import common as C
-from scp_dist.bench import data, head, scaling, step
+from benchmarks.bench import common as C
+from benchmarks.bench import data, head, scaling, step
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], C.BenchResult]
@@ -39,7 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m scp_dist.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="name", required=True)
     for name, (add_args, _, help_text) in BENCHMARKS.items():

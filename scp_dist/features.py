@@ -1,0 +1,151 @@
+"""Where the head's inputs come from: the two feature sources behind one interface.
+
+`StreamFeatures` runs the frozen backbone on fresh views every step; `CachedFeatures` reads the
+backbone features that `feature_cache.extract_features` stored once. Both follow the same epoch plan
+(data/plan.py) and yield, per step, this rank's `[view a; view b]` features and n; both give
+`eval_batches(split)`: this rank's share of a split, unaugmented, as (features, keys, labels), which
+`evaluate.predict` turns into clusters. The training loop and the evaluation see no difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from scp_dist import distributed as D
+from scp_dist.data import plan as P
+from scp_dist.data.loader import TrainLoader, build_eval_loader, build_train_loader
+from scp_dist.evaluate import autocast_context
+from scp_dist.feature_cache import SplitFeatures, cache_dir, extract_features, load_kind, pair_kind, pairs_dir
+from scp_dist.models.backbones import Backbone
+from scp_dist.runlog import progress
+from scp_dist.shards.manifest import read_manifest
+
+EvalBatch = tuple[torch.Tensor, list[str], torch.Tensor]  # (n, D) features, keys, labels
+
+
+class FeatureSource(Protocol):
+    num_samples: int
+    stats: object  # .as_dict(): per-epoch counts of samples that could not be used
+
+    def __len__(self) -> int: ...  # steps per epoch
+    def set_epoch(self, epoch: int) -> None: ...
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]: ...
+    def eval_batches(self, split: str) -> Iterator[EvalBatch]: ...
+
+
+class StreamFeatures:
+    """Per step: a batch of two fresh views per image through the frozen backbone -> [a; b] features."""
+
+    def __init__(self, cfg: DictConfig, st: D.DistState, backbone: Backbone, precision: str) -> None:
+        self.cfg, self.st, self.backbone, self.precision = cfg, st, backbone, precision
+        self.loader: TrainLoader = build_train_loader(
+            Path(cfg.data.root) / cfg.data.train_split, cfg.data, cfg.augment, world_size=st.world_size,
+            rank=st.rank, global_batch=cfg.train.global_batch, image_size=backbone.image_size,
+            mean=backbone.mean, std=backbone.std, seed=cfg.train.seed, device=st.device)
+        self.num_samples = self.loader.manifest.num_samples
+        self.stats = self.loader.stats
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # no_grad, not inference_mode: the head saves these features for its weight gradients,
+        # which autograd refuses to do with inference tensors.
+        with torch.no_grad(), autocast_context(self.st.device, self.precision):
+            return self.backbone(x.to(self.st.device, non_blocking=True))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        for batch in self.loader:
+            yield self._forward(torch.cat(batch.views)), len(batch.keys)  # [a; b], one backbone call
+
+    def eval_batches(self, split: str) -> Iterator[EvalBatch]:
+        loader = build_eval_loader(
+            Path(self.cfg.data.root) / split, self.cfg.data, world_size=self.st.world_size, rank=self.st.rank,
+            batch_size=self.cfg.train.eval_batch, image_size=self.backbone.image_size, mean=self.backbone.mean,
+            std=self.backbone.std, device=self.st.device)
+        for batch in progress(loader, self.st.is_main, desc=f"eval {split}"):
+            if batch.keys:
+                yield self._forward(batch.views[0]).float(), batch.keys, batch.labels
+
+
+class _AbsentCounts:
+    """Samples the plan asked for that the cache lacks (skipped at extraction), this epoch."""
+
+    def __init__(self) -> None:
+        self.absent = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"absent_from_cache": self.absent}
+
+
+class CachedFeatures:
+    """Per step: the streaming job's plan (plan.py) for this rank, read from cached pair epoch % M
+    and yielded as ([view a; view b] float32 features, n), like the streaming feature source."""
+
+    def __init__(self, cfg: DictConfig, st: D.DistState, root: Path) -> None:
+        self.cfg, self.st, self.root = cfg, st, root
+        manifest = read_manifest(Path(cfg.data.root) / cfg.data.train_split)
+        self.counts = [s.num_samples for s in manifest.shards]
+        self.num_samples = manifest.num_samples  # train.check_data made sure it holds a global batch
+        self.steps = P.steps_per_epoch(self.num_samples, cfg.train.global_batch)
+        self.stats = _AbsentCounts()
+        self.epoch = 0
+        self._pair: tuple[int, SplitFeatures, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stats.absent = 0
+
+    def _load_pair(self) -> tuple[SplitFeatures, np.ndarray]:
+        m = self.epoch % self.cfg.cache.num_pairs
+        if self._pair is None or self._pair[0] != m:
+            pair = load_kind(pairs_dir(self.cfg, self.root), self.cfg.data.train_split, pair_kind(m),
+                             with_keys=False)
+            row_of = np.full(self.num_samples, -1, dtype=np.int64)  # global index -> row; -1: absent
+            row_of[pair.index] = np.arange(len(pair.index))
+            self._pair = (m, pair, row_of)
+        return self._pair[1], self._pair[2]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        pair, row_of = self._load_pair()
+        cfg = self.cfg
+        for indices in P.train_plan(self.counts, cfg.train.global_batch, self.st.world_size, self.st.rank,
+                                    cfg.train.seed, self.epoch, cfg.data.order, cfg.data.shuffle_buffer):
+            rows = row_of[indices]
+            self.stats.absent += int((rows < 0).sum())
+            f = torch.from_numpy(pair.take(rows[rows >= 0]))  # (n, 2, D)
+            feats = torch.cat([f[:, 0], f[:, 1]])  # [a; b], as the head sees streamed views
+            yield feats.to(self.st.device, torch.float32, non_blocking=True), len(f)
+
+    def eval_batches(self, split: str) -> Iterator[EvalBatch]:
+        """This rank's evaluation range of the cached plain features, in chunks."""
+        plain = load_kind(self.root, split, "plain")
+        assert plain.keys is not None and plain.labels is not None
+        r = P.eval_range(len(plain), self.st.world_size, self.st.rank)
+        step = self.cfg.train.eval_batch
+        for lo in range(r.start, r.stop, step):
+            rows = np.arange(lo, min(lo + step, r.stop))
+            feats = torch.from_numpy(plain.take(rows)[:, 0]).to(self.st.device, torch.float32)
+            yield feats, plain.keys[lo: rows[-1] + 1], torch.from_numpy(plain.labels[rows])
+
+
+def build_source(cfg: DictConfig, st: D.DistState, backbone: Backbone, precision: str) -> FeatureSource:
+    """train.mode=stream: the backbone runs every step. cached: it runs once now (extraction,
+    resumable), and training and evaluation read what it stored."""
+    if cfg.train.mode == "stream":
+        return StreamFeatures(cfg, st, backbone, precision)
+    root = cache_dir(cfg)
+    extract_features(cfg, st, backbone, root, precision)
+    return CachedFeatures(cfg, st, root)
