@@ -45,7 +45,8 @@ def choices(rows: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
         out["mean over heads"] = _stats(rows, lambda r: {m: np.mean([h[m] for h in r["all_heads"]]) for m in METRICS})
         out["lowest final loss"] = _stats(rows, lambda r: r["all_heads"][int(np.argmin(r["head_losses"]))])
         out["most agreement"] = _stats(rows, lambda r: r["all_heads"][int(np.argmax(r["head_agreement"]))])
-    out[f"reported (head.select={rows[0]['select']})"] = _stats(rows, lambda r: r["scp"])
+    name = f"reported (head.select={rows[0]['select']})" if heads else "reported (one head)"
+    out[name] = _stats(rows, lambda r: r["scp"])
     return out
 
 
