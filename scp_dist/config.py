@@ -304,6 +304,11 @@ def check_world_size(cfg: DictConfig, world_size: int) -> None:
     )
 
 
+def eval_splits(cfg: DictConfig) -> list[str]:
+    """The splits evaluated (and cached as plain features): train, then test when there is one."""
+    return list(dict.fromkeys(filter(None, [cfg.data.train_split, cfg.data.test_split])))
+
+
 def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.output.dir) / cfg.output.run_name
 

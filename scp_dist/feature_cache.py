@@ -42,7 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from scp_dist import distributed as D
-from scp_dist.config import backbone_identity
+from scp_dist.config import backbone_identity, eval_splits
 from scp_dist.data.loader import build_eval_loader, build_pair_loader
 from scp_dist.evaluate import autocast_context
 from scp_dist.fileio import atomic_write, atomic_write_text
@@ -80,7 +80,7 @@ def cache_fingerprint(cfg: DictConfig) -> dict:
     already there. The data is identified by its manifests' content (which hold every shard's
     sha256), not its path, so a moved dataset keeps its cache."""
     manifests = {}
-    for split in dict.fromkeys(filter(None, [cfg.data.train_split, cfg.data.test_split])):
+    for split in eval_splits(cfg):
         m = Path(cfg.data.root) / split / "manifest.json"
         manifests[split] = hashlib.sha256(m.read_bytes()).hexdigest()[:16] if m.is_file() else None
     return {
@@ -245,7 +245,7 @@ def extract_features(cfg: DictConfig, st: D.DistState, backbone: Backbone, root:
     for m in range(cfg.cache.num_pairs):
         _extract_kind(pairs_dir(cfg, root), cfg.data.train_split, pair_kind(m), 2, partial(pair_loader, m),
                       backbone, st, precision, dtype)
-    splits = list(dict.fromkeys(filter(None, [cfg.data.train_split, cfg.data.test_split])))
+    splits = eval_splits(cfg)
     for split in splits:
         _extract_kind(root, split, "plain", 1, partial(plain_loader, split), backbone, st, precision, dtype)
     manifest = {

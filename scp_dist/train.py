@@ -24,6 +24,7 @@ from scp_dist.config import (
     ConfigError,
     check_world_size,
     config_fingerprint,
+    eval_splits,
     load_config,
     run_dir,
     save_config,
@@ -188,13 +189,14 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
 def evaluate(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, head_losses: torch.Tensor,
              out_dir: Path) -> dict:
     """Every split through features -> head; rank 0 chooses, scores (next to k-means) and writes."""
-    splits = list(dict.fromkeys(filter(None, [cfg.data.train_split, cfg.data.test_split])))
     preds = {split: predict(source.eval_batches(split), head, st, keep_features=cfg.output.kmeans)
-             for split in splits}  # rank 0 holds them, the others None
+             for split in eval_splits(cfg)}  # rank 0 holds them, the others None
     results = report(cfg, preds, head_losses, out_dir) if st.is_main else None
     results = D.broadcast_object(results)
     if st.is_main:
-        JsonlLog(out_dir / "metrics.jsonl").write(kind="eval", **results)
+        jsonl = JsonlLog(out_dir / "metrics.jsonl")
+        jsonl.write(kind="eval", **results)
+        jsonl.close()
         results["predictions"] = preds
     return results
 
