@@ -1,7 +1,17 @@
-"""Atomic checkpoints of the trainable state, refused when they come from a different config."""
+"""Step checkpoints of the trainable state: atomic, the last K kept, refused when they come from a
+config that would give a different result.
+
+Layout: `<run dir>/checkpoints/step-000001234.pt`, one file per checkpoint, named by the global step.
+A file is written under a temporary name, fsynced and renamed (scp_dist/fileio.py), so a kill at
+any moment leaves either the previous file set or the new one, never half a file. The newest file
+that reads back is resumed; one that does not (a disk that lied, a truncated copy) is skipped with
+a warning in favour of the one before, which is why more than one is kept.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,32 +19,70 @@ import torch
 
 from scp_dist.fileio import atomic_write
 
-CHECKPOINT_NAME = "checkpoint.pt"
+log = logging.getLogger("scp_dist")
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic: a crash during the write leaves the previous checkpoint."""
+def checkpoint_dir(run: Path) -> Path:
+    return Path(run) / CHECKPOINT_DIR
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    """Checkpoint files of a run, oldest first."""
+    d = checkpoint_dir(run)
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
+
+
+def remove_stale_temporaries(run: Path) -> int:
+    """Temp files left by a checkpoint write that was killed; only called while holding the run lock."""
+    d = checkpoint_dir(run)
+    stale = list(d.glob(".step-*.tmp")) if d.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def save_checkpoint(run: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write the checkpoint of global step state["step"], then delete all but the newest `keep`."""
+    path = checkpoint_dir(run) / f"step-{int(state['step']):09d}.pt"
     atomic_write(path, lambda f: torch.save(state, f))
+    for old in list_checkpoints(run)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
 
 
-def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"train.resume=true but there is no checkpoint at {path} "
-                              "(train.resume=auto starts fresh when there is none)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
-    theirs = state.get("fingerprint")
-    if theirs != fingerprint:
-        diff = sorted(k for k in set(fingerprint) | set(theirs or {}) if (theirs or {}).get(k) != fingerprint.get(k))
-        raise CheckpointError(
-            f"checkpoint {path} was written by a different config (differs in: {', '.join(diff)}); "
-            "use a new output.run_name or the original config"
-        )
-    return state
+def _fingerprint_diff(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+
+
+def load_latest(run: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable checkpoint and its path, or None when the run has none. A checkpoint
+    from a config that differs in a key that changes the result is refused (the keys are named):
+    resuming it would silently mix two experiments."""
+    for path in reversed(list_checkpoints(run)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to the previous one
+            log.warning("checkpoint %s cannot be read (%s: %s); trying the previous one", path,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            continue
+        diff = _fingerprint_diff(fingerprint, state.get("fingerprint") or {})
+        if diff:
+            shown = ", ".join(f"{k} ({state.get('fingerprint', {}).get(k)!r} -> {fingerprint.get(k)!r})"
+                              for k in diff[:8])
+            raise CheckpointError(
+                f"the checkpoint {path} was written with a config that gives a different result; it differs in "
+                f"{shown}{' ...' if len(diff) > 8 else ''}. Use the original values, a new output.run_name, or "
+                "train.resume=false output.overwrite=true to start this run over")
+        return state, path
+    if list_checkpoints(run):
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir(run)} can be read; move the folder away or "
+                              "start over with train.resume=false output.overwrite=true")
+    return None

@@ -45,6 +45,9 @@ class DataConfig:
     order: str = "global"
     shuffle_buffer: int = 2048  # order=windowed only
     on_error: str = "skip"  # skip | raise: what a corrupt or missing sample does
+    # Full sha256 of every shard against the manifest when a loader starts (each rank hashes its
+    # share); off, only each shard's size and index count are checked, which costs a stat per shard.
+    verify: bool = False
     # A built-in data set written on first use, only ever into its own folder (BUILTIN_ROOTS): a
     # data.root elsewhere is the user's data and must hold shards.
     prepare: str = "digits"
@@ -102,6 +105,11 @@ class LossConfig:
     # collapses to one cluster (measured on the digits demo: ACC 0.10 with sum vs 0.53 with mean).
     ce_reduction: str = "mean"
     eps: float = 1e-8
+    # How H(Y) estimates the cluster marginals: "batch" = this global batch's (the paper's; exact
+    # over any world size); "ema" = a running estimate over ~1/(1-ema_momentum) steps, for K near or
+    # above the global batch (scp_dist/loss.py; README, "Many clusters (K = 1,000)").
+    marginal: str = "batch"
+    ema_momentum: float = 0.9  # loss.marginal=ema only
 
 
 @dataclass
@@ -120,9 +128,15 @@ class TrainConfig:
     global_batch: int = 512
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    # false: start fresh; true: continue from output's checkpoint.pt (an error if there is none);
-    # auto: continue when a checkpoint is there, else start (what launchers and requeues use).
-    resume: str = "false"
+    # auto: continue from the run's newest checkpoint when there is one, else start (a rerun of a
+    # finished run only re-evaluates it); true: continue (an error if there is no checkpoint);
+    # false: start fresh, refused on a run directory that holds a run unless output.overwrite=true.
+    resume: str = "auto"
+    # Checkpoints: at every epoch end, every checkpoint_every steps (0: off) and every
+    # checkpoint_minutes of training (0: off), the newest keep_checkpoints kept.
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 30.0
+    keep_checkpoints: int = 3
     max_steps: int = 0  # >0 stops early (debugging)
     log_every: int = 10
     eval_batch: int = 1024
@@ -150,6 +164,7 @@ class DistConfig:
 class OutputConfig:
     dir: str = "runs"
     run_name: str = ""  # "" = <data.name>_seed<train.seed>
+    overwrite: bool = False  # with train.resume=false: delete a run already in the run directory
     save_assignments: bool = True
     # Every evaluation also clusters the same frozen features with faiss k-means (fitted on the
     # training split, seeded by train.seed) and reports it next to the head: each run's own baseline.
@@ -240,6 +255,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.loss.alpha >= 0, "loss.alpha", f"must be >= 0, got {cfg.loss.alpha}")
     _check(cfg.loss.ce_reduction in ("sum", "mean"), "loss.ce_reduction", "must be sum or mean")
     _check(0 < cfg.loss.eps < 1e-2, "loss.eps", "must be in (0, 1e-2)")
+    _check(cfg.loss.marginal in ("batch", "ema"), "loss.marginal", f"{cfg.loss.marginal!r} is not one of batch|ema")
+    _check(0 <= cfg.loss.ema_momentum < 1, "loss.ema_momentum", f"must be in [0, 1), got {cfg.loss.ema_momentum}")
     _check(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "two values in [0, 1)")
@@ -251,6 +268,9 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.eval_batch >= 1, "train.eval_batch", "must be >= 1")
     _check(cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0")
     _check(cfg.train.resume in RESUME, "train.resume", f"{cfg.train.resume!r} is not one of {'|'.join(RESUME)}")
+    _check(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: epoch ends only)")
+    _check(cfg.train.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0 (0: off)")
+    _check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     _check(cfg.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto|fp32|bf16|fp16")
     _check(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "auto|cpu|cuda")
@@ -324,16 +344,35 @@ def backbone_identity(backbone: DictConfig) -> dict:
     return {k: v for k, v in OmegaConf.to_container(backbone).items() if k not in BACKBONE_SPEED_ONLY}
 
 
+# Keys a resume may change: speed, memory, logging, where outputs go, and choices made after
+# training (head.select). Every other key changes the trained head, and a resume refuses it.
+RESUME_FREE = (
+    "data.name", "data.root", "data.test_split", "data.num_workers", "data.on_error", "data.prepare", "data.verify",
+    *(f"backbone.{k}" for k in BACKBONE_SPEED_ONLY), "head.select",
+    "train.resume", "train.max_steps", "train.log_every", "train.eval_batch", "train.device",
+    "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints",
+    "cache.dir", "cache.batch_size", "dist.", "output.",
+)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
 def config_fingerprint(cfg: DictConfig) -> dict:
-    """What a checkpoint must agree with to be resumed: anything that changes parameter shapes or the data."""
-    fp = {
-        "backbone": backbone_identity(cfg.backbone),
-        "head": OmegaConf.to_container(cfg.head),
-        "data.root": cfg.data.root,
-        "train.global_batch": cfg.train.global_batch,
-        "train.epochs": cfg.train.epochs,
-        "train.mode": cfg.train.mode,
-    }
-    if cfg.train.mode == "cached":
-        fp["cache.num_pairs"] = cfg.cache.num_pairs  # which pair each remaining epoch trains on
+    """What a checkpoint must agree with to be resumed: every key that changes the result, flat
+    (`loss.alpha`, ...), with the data identified by its training manifest's content rather than its
+    path (the same shards through a symlink, a trailing slash or a new mount are the same data)."""
+    import hashlib
+
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    fp = {k: v for k, v in flat.items() if not any(k == f or (f.endswith(".") and k.startswith(f))
+                                                  for f in RESUME_FREE)}
+    manifest = Path(cfg.data.root) / cfg.data.train_split / "manifest.json"
+    fp["data.train_manifest"] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else None
     return fp

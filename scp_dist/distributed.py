@@ -54,9 +54,19 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     if world == 1:
         return DistState(device=dev)
     be = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # torchrun keeps one store for every restart of the group, and the group's keys (each rank's
+    # address) are the same each time: after a restart a rank read a dead peer's old address and
+    # gloo failed with "connectFullMesh ... Connection refused" (7 of 8 restarts here). A prefix per
+    # attempt gives every restarted group its own keys.
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(
         backend=be,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        store=dist.PrefixStore(f"scp_dist/attempt{attempt}/", store),
+        rank=rank,
+        world_size=world,
+        timeout=timeout,
         device_id=dev if be == "nccl" else None,
     )
     return DistState(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=be)
@@ -74,6 +84,17 @@ def teardown(*objects_to_drop: object) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_now(code: int) -> None:
+    """Leave at once, for the error path of a multi-process job: no barrier and no group teardown,
+    since the other ranks may be inside another collective and would keep this one waiting for
+    dist.timeout_s. torchrun sees the exit code and stops the other workers within seconds."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # --- collectives. Identity in a single process. -------------------------------------------------
@@ -109,6 +130,14 @@ def sum_detached(t: torch.Tensor | float | int, device: torch.device | None = No
     t = t.detach().clone()
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def max_detached(t: torch.Tensor) -> torch.Tensor:
+    """Non-differentiable elementwise max over ranks (flags every rank must agree on)."""
+    t = t.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 

@@ -4,6 +4,7 @@ the reported clustering without labels, score it next to k-means on the same fea
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import json
 from collections.abc import Iterable
@@ -18,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 
 from scp_dist import distributed as D
 from scp_dist.fileio import atomic_write_text
-from scp_dist.kmeans import kmeans_fit, kmeans_predict
+from scp_dist.kmeans import kmeans_fit, nearest_centroid
 from scp_dist.metrics import clustering_scores, nmi
 
 
@@ -28,7 +29,6 @@ class Predictions:
     labels: np.ndarray  # (n,) int, -1 where unlabeled
     clusters: np.ndarray  # (H, n) int; with head.select=consensus, row H is the heads' consensus
     confidence: np.ndarray  # (H, n) float, the winning cluster's probability
-    features: np.ndarray | None = None  # (n, D) backbone features, only when asked for
 
     def scores(self, head: int) -> dict[str, float]:
         return clustering_scores(self.labels, self.clusters[head])
@@ -41,11 +41,29 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def _return_freed_memory() -> None:
+    """glibc keeps the freed (n, K) softmax temporaries of each batch in its heap, pinned there by
+    the small arrays the loop keeps between them: at K = 1,000 a rank grew by 8 KB per evaluated
+    sample (7.4 GB at 1.28M samples, benchmarks/rehearsal_imagenet1k-shape.md). malloc_trim hands
+    the free pages back (about a millisecond per batch). A no-op off glibc."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+try:
+    _libc: object | None = ctypes.CDLL(None)
+except OSError:  # pragma: no cover - no C library to load (not Linux)
+    _libc = None
+
+
 @torch.no_grad()
 def predict(batches: Iterable[tuple[torch.Tensor, list[str], torch.Tensor]], head: torch.nn.Module,
-            st: D.DistState, keep_features: bool = False) -> Predictions | None:
+            st: D.DistState, keep_features: bool = False) -> tuple[Predictions | None, np.ndarray | None]:
     """features -> head for this rank's (features, keys, labels) batches of a split (from either
-    feature source); rank 0 returns every rank's results in canonical order, the others None."""
+    feature source). Returns rank 0's Predictions of every rank in canonical order (None on the
+    others) and, when asked, THIS rank's features: features never travel to one rank whole (at
+    ImageNet scale that is gigabytes); the k-means baseline gathers only the sample it fits on."""
     head_was_training = head.training
     head.eval()
     keys: list[str] = []
@@ -58,25 +76,61 @@ def predict(batches: Iterable[tuple[torch.Tensor, list[str], torch.Tensor]], hea
         conf.append(c.cpu().numpy())
         if keep_features:
             feats.append(f.float().cpu().numpy())
+        _return_freed_memory()
     head.train(head_was_training)
     local = (
         keys,
         np.concatenate(labels) if labels else np.zeros(0, np.int64),
         np.concatenate(clusters, axis=1) if clusters else None,
         np.concatenate(conf, axis=1) if conf else None,
-        np.concatenate(feats) if feats else None,
     )
+    local_feats = (np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)) if keep_features else None
     parts = D.gather_objects(local)
     if parts is None:
-        return None
+        return None, local_feats
     parts = [p for p in parts if p[0]]  # ranks with an empty eval range
     return Predictions(
         keys=[k for p in parts for k in p[0]],
         labels=np.concatenate([p[1] for p in parts]),
         clusters=np.concatenate([p[2] for p in parts], axis=1),
         confidence=np.concatenate([p[3] for p in parts], axis=1),
-        features=np.concatenate([p[4] for p in parts]) if keep_features else None,
-    )
+    ), local_feats
+
+
+def kmeans_baseline(cfg: DictConfig, st: D.DistState, local: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """faiss k-means on the frozen features the head saw, fitted on the training split and applied
+    to every split: each run carries its own baseline. Collective, and sized for large data: rank 0
+    draws a seeded uniform sample of at most K x output.kmeans_max_points training rows (canonical
+    order, so the same on any world size), only those rows are gathered, the centroids are
+    broadcast, and each rank assigns its own rows. Rank 0 returns the cluster per sample of each
+    split in canonical order; the others None."""
+    k = cfg.head.num_clusters
+    train = local[cfg.data.train_split]
+    counts = D.broadcast_object(D.gather_objects(len(train)))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    n = int(offsets[-1])
+    if n < k:
+        return None
+    sample = None
+    if st.is_main:
+        m = min(n, k * cfg.output.kmeans_max_points)
+        sample = np.arange(n) if m == n else np.sort(np.random.default_rng(cfg.train.seed).choice(n, m, replace=False))
+    sample = D.broadcast_object(sample)
+    lo, hi = offsets[st.rank], offsets[st.rank + 1]
+    mine = sample[(sample >= lo) & (sample < hi)] - lo
+    rows = D.gather_objects(train[mine])
+    centroids = None
+    if st.is_main:
+        x = np.concatenate([r for r in rows if len(r)])
+        centroids = kmeans_fit(x, k, seed=cfg.train.seed, niter=cfg.output.kmeans_niter,
+                               nredo=cfg.output.kmeans_nredo).centroids
+    centroids = D.broadcast_object(centroids)
+    out = {}
+    for split, feats in local.items():
+        parts = D.gather_objects(nearest_centroid(centroids, feats) if len(feats) else np.zeros(0, np.int64))
+        if parts is not None:
+            out[split] = np.concatenate(parts)
+    return out if st.is_main else None
 
 
 # ---------------------------------------------------------------- label-free choice among heads
@@ -126,18 +180,8 @@ def choose_head(select: str, head_losses: torch.Tensor, agreement: list[float] |
 # ---------------------------------------------------------------- the report
 
 
-def _kmeans_scores(cfg: DictConfig, preds: dict[str, Predictions]) -> dict[str, dict]:
-    """faiss k-means fitted on the training split's frozen features (the same the head saw),
-    applied to every split: each run carries its own baseline."""
-    train = preds[cfg.data.train_split]
-    if train.features is None:
-        return {}
-    km = kmeans_fit(train.features, cfg.head.num_clusters, seed=cfg.train.seed, niter=cfg.output.kmeans_niter,
-                    nredo=cfg.output.kmeans_nredo, max_points_per_centroid=cfg.output.kmeans_max_points)
-    return {split: clustering_scores(p.labels, kmeans_predict(km, p.features)) for split, p in preds.items()}
-
-
-def report(cfg: DictConfig, preds: dict[str, Predictions], head_losses: torch.Tensor, out_dir: Path) -> dict:
+def report(cfg: DictConfig, preds: dict[str, Predictions], head_losses: torch.Tensor, out_dir: Path,
+           kmeans: dict[str, np.ndarray] | None = None) -> dict:
     """Rank 0: choose the reported clustering without labels, score it and the k-means baseline,
     write eval.json and the assignments, print one line per split."""
     num_heads = len(head_losses)
@@ -152,7 +196,7 @@ def report(cfg: DictConfig, preds: dict[str, Predictions], head_losses: torch.Te
             c, conf = consensus(p.clusters[:num_heads], p.confidence[:num_heads], mappings, k)
             p.clusters, p.confidence = np.vstack([p.clusters, c]), np.vstack([p.confidence, conf])
         chosen = num_heads  # the consensus row
-    baseline = _kmeans_scores(cfg, preds) if cfg.output.kmeans else {}
+    baseline = {split: clustering_scores(preds[split].labels, c) for split, c in (kmeans or {}).items()}
     results: dict = {"chosen_head": chosen, "select": cfg.head.select, "head_losses": head_losses.tolist(),
                      "head_agreement": agreement, "splits": {}}
     for split, pred in preds.items():

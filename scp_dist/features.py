@@ -34,7 +34,7 @@ class FeatureSource(Protocol):
     stats: object  # .as_dict(): per-epoch counts of samples that could not be used
 
     def __len__(self) -> int: ...  # steps per epoch
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start: int = 0) -> None: ...  # from step `start` of the epoch on
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]: ...
     def eval_batches(self, split: str) -> Iterator[EvalBatch]: ...
 
@@ -54,8 +54,8 @@ class StreamFeatures:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.loader.set_epoch(epoch, start)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # no_grad, not inference_mode: the head saves these features for its weight gradients,
@@ -98,14 +98,14 @@ class CachedFeatures:
         self.num_samples = manifest.num_samples  # train.check_data made sure it holds a global batch
         self.steps = P.steps_per_epoch(self.num_samples, cfg.train.global_batch)
         self.stats = _AbsentCounts()
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
         self._pair: tuple[int, SplitFeatures, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
         self.stats.absent = 0
 
     def _load_pair(self) -> tuple[SplitFeatures, np.ndarray]:
@@ -122,7 +122,7 @@ class CachedFeatures:
         pair, row_of = self._load_pair()
         cfg = self.cfg
         for indices in P.train_plan(self.counts, cfg.train.global_batch, self.st.world_size, self.st.rank,
-                                    cfg.train.seed, self.epoch, cfg.data.order, cfg.data.shuffle_buffer):
+                                    cfg.train.seed, self.epoch, cfg.data.order, cfg.data.shuffle_buffer)[self.start:]:
             rows = row_of[indices]
             self.stats.absent += int((rows < 0).sum())
             f = torch.from_numpy(pair.take(rows[rows >= 0]))  # (n, 2, D)

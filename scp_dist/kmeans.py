@@ -33,6 +33,17 @@ def kmeans_predict(km: Any, features: np.ndarray) -> np.ndarray:
     return idx[:, 0].astype(np.int64)
 
 
+def nearest_centroid(centroids: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Nearest of the given (K, D) centroids for each row: what kmeans_predict does, from the
+    centroids alone, so every rank can assign its own rows after rank 0 fitted."""
+    import faiss
+
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    _, idx = index.search(np.ascontiguousarray(features, dtype=np.float32), 1)
+    return idx[:, 0].astype(np.int64)
+
+
 def kmeans_assign(features: np.ndarray, k: int, seed: int = 0, niter: int = 100, nredo: int = 10,
                   use_gpu: bool | None = None) -> np.ndarray:
     """Cluster index per row, fitted on the same rows."""

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +46,24 @@ def progress(iterable: Any, enabled: bool, **kw: Any) -> Any:
     # Off a terminal (CI, SLURM logs) a bar that redraws every 0.1 s floods the log; update rarely.
     interactive = sys.stderr.isatty()
     return tqdm(iterable, disable=not enabled, mininterval=0.2 if interactive else 10.0, dynamic_ncols=True, **kw)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def stage(name: str, metrics: Path | None, world_max: Callable[[float], float] = lambda x: x) -> Iterator[None]:
+    """Time a stage of the job and record it with the peak memory of the largest rank so far: the
+    numbers that say what does not scale on a long job. `world_max` is a collective (every rank
+    enters every stage); `metrics` is rank 0's metrics.jsonl, None elsewhere."""
+    t0 = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - t0
+    rss = world_max(peak_rss_mib())
+    log.info("stage %s: %.1f s, peak memory of the largest rank %.0f MiB", name, seconds, rss)
+    if metrics is not None:
+        jsonl = JsonlLog(metrics)
+        jsonl.write(kind="stage", stage=name, seconds=round(seconds, 3), peak_rss_mib=round(rss, 1))
+        jsonl.close()

@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import math
+import os
+import random
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -18,7 +21,8 @@ from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scp_dist import distributed as D
-from scp_dist.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from scp_dist import rundir
+from scp_dist.checkpoint import CheckpointError, load_latest, remove_stale_temporaries, save_checkpoint
 from scp_dist.config import (
     BUILTIN_ROOTS,
     ConfigError,
@@ -29,15 +33,19 @@ from scp_dist.config import (
     run_dir,
     save_config,
 )
-from scp_dist.evaluate import autocast_context, predict, report
+from scp_dist.data.batch import DataError
+from scp_dist.evaluate import autocast_context, kmeans_baseline, predict, report
 from scp_dist.feature_cache import CacheMismatchError
 from scp_dist.features import FeatureSource, build_source
-from scp_dist.loss import LossTerms, scp_loss
+from scp_dist.loss import LossTerms, MarginalEstimate, build_marginal, scp_loss
 from scp_dist.models.backbones import build_backbone
 from scp_dist.models.head import SCPHead
-from scp_dist.runlog import JsonlLog, log, progress, setup_logging
+from scp_dist.rundir import RunDirError
+from scp_dist.runlog import JsonlLog, log, progress, setup_logging, stage
 from scp_dist.schedule import lr_at
 from scp_dist.shards.manifest import ShardError, read_manifest
+from scp_dist.signals import EXIT_REQUEUE as EXIT_REQUEUE  # the launchers' contract
+from scp_dist.signals import Preempted, StopSignals
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,8 +98,17 @@ def build_head(cfg: DictConfig, feature_dim: int, st: D.DistState) -> SCPHead:
                    activation=cfg.head.activation, seed=cfg.train.seed).to(st.device)
 
 
+def build_optimizer(cfg: DictConfig, head: torch.nn.Module) -> torch.optim.Adam:
+    """The paper's Adam. On a GPU the fused kernel updates every parameter in one launch: a head-only
+    step is launch-bound (BENCHMARKS.md, head)."""
+    fused = next(head.parameters()).device.type == "cuda"
+    return torch.optim.Adam(head.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay, fused=fused or None)
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               feats: torch.Tensor, n: int, cfg: DictConfig, precision: str, lr: float) -> LossTerms:
+               feats: torch.Tensor, n: int, cfg: DictConfig, precision: str, lr: float,
+               marginal: MarginalEstimate | None = None) -> LossTerms:
     """One optimisation step on this rank's [view a; view b] features of n images; the loss (and so
     the gradient after DDP's averaging) is the global batch's (scp_dist/loss.py)."""
     for g in opt.param_groups:
@@ -99,21 +116,41 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch
     with autocast_context(feats.device, precision):
         logits = model(feats)  # (H, 2n, K)
     out = scp_loss(logits[:, :n], logits[:, n:], alpha=cfg.loss.alpha, ce_reduction=cfg.loss.ce_reduction,
-                   eps=cfg.loss.eps)
+                   eps=cfg.loss.eps, marginal=marginal)
     opt.zero_grad(set_to_none=True)
-    scaler.scale(out.loss).backward()
+    scaler.scale(out.loss).backward()  # also for an empty global batch: DDP's all-reduce runs on every rank
+    if n == 0 and float(out.batch_size) == 0:  # read only where it can be 0 (scp_loss)
+        return out  # every sample of the global batch was skipped: no update (Adam would still move)
     scaler.step(opt)
     scaler.update()
     return out
 
 
-def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, out_dir: Path,
-        precision: str) -> torch.Tensor:
-    """The training loop, resumable at epoch ends; returns the last epoch's mean loss per head."""
+def _rng_states() -> dict:
+    # Training draws nothing from these (views are a function of seed, epoch and sample), but a
+    # resumed run should not depend on that staying true.
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_states(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, out_dir: Path, precision: str,
+        resume_state: dict | None = None, stop: StopSignals | None = None) -> torch.Tensor:
+    """The training loop; returns the last epoch's mean loss per head. Checkpoints (rank 0) at epoch
+    ends, every train.checkpoint_every steps / train.checkpoint_minutes, and when a stop signal
+    arrives; `resume_state` (a checkpoint) continues at the global batch after the one it saved."""
+    stop = stop or StopSignals()
     model: torch.nn.Module = DDP(head, device_ids=[st.device.index] if st.device.type == "cuda" else None) \
         if st.distributed else head
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                           weight_decay=cfg.optim.weight_decay)
+    opt = build_optimizer(cfg, head)
+    marginal = build_marginal(cfg.loss, cfg.head.num_heads, cfg.head.num_clusters, st.device)  # None: the batch's
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # a no-op unless fp16
     steps_per_epoch = len(source)
     total_steps = steps_per_epoch * cfg.train.epochs  # the schedule's length; max_steps only stops early
@@ -121,77 +158,146 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
     log.info("%d samples, %d steps/epoch, %d steps in all (%s mode)", source.num_samples, steps_per_epoch, stop_at,
              cfg.train.mode)
 
-    fingerprint = config_fingerprint(cfg)
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    start_epoch, step = 0, 0
+    # Position: `done` steps of epoch `epoch` are behind us (global step `step`); the running sums
+    # of the epoch's per-head losses travel with it, so a mid-epoch resume reports the same epoch loss.
+    epoch, done, step = 0, 0, 0
     head_losses = torch.zeros(cfg.head.num_heads)
-    if cfg.train.resume == "true" or (cfg.train.resume == "auto" and ckpt_path.is_file()):
-        state = load_checkpoint(ckpt_path, fingerprint)
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state.get("scaler", {}))
-        start_epoch, step = state["epoch"], state["step"]
-        # A run resumed after its last epoch goes straight to evaluation: the head choice needs these.
-        head_losses = torch.tensor(state.get("head_losses", head_losses.tolist()))
-        log.info("resumed from %s at epoch %d, step %d", ckpt_path, start_epoch, step)
+    # Per-step numbers stay on the device until a log line or a checkpoint needs them: reading one
+    # every step would make the CPU wait for the GPU each step, and a head-only step is short.
+    loss_sum, loss_steps = torch.zeros(cfg.head.num_heads, device=st.device), 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=st.device)
+    if resume_state is not None:
+        s = resume_state
+        head.load_state_dict(s["head"])
+        opt.load_state_dict(s["optimizer"])
+        scaler.load_state_dict(s["scaler"])
+        if marginal is not None:
+            marginal.load_state_dict(s["marginal"])
+        _set_rng_states(s["rng"])
+        epoch, done, step = s["epoch"], s["step_in_epoch"], s["step"]
+        head_losses, loss_steps = torch.tensor(s["head_losses"]), s["loss_steps"]
+        loss_sum = torch.tensor(s["loss_sum"], device=st.device)
+        if s["world_size"] != st.world_size and cfg.data.order == "windowed" and done:
+            log.warning("resuming mid-epoch on %d ranks a checkpoint of %d: with data.order=windowed the rest "
+                        "of epoch %d reads other samples than the first run would", st.world_size,
+                        s["world_size"], epoch + 1)
+        log.info("resumed at epoch %d, step %d (%d of the epoch) from a checkpoint of %d rank(s)", epoch + 1, step,
+                 done, s["world_size"])
 
     jsonl = JsonlLog(out_dir / "metrics.jsonl" if st.is_main else None)
+    # A resume repeats the steps logged after its checkpoint: this marker says which records a
+    # reader keeps (the last one per step).
+    jsonl.write(kind="resume" if resume_state is not None else "start", step=step, epoch=epoch,
+                world_size=st.world_size)
+    last_save = time.monotonic()
+
+    def check_finite() -> None:
+        if bool(nonfinite):
+            raise FloatingPointError(f"non-finite loss at or before step {step} (checked every train.log_every "
+                                     f"steps and before each checkpoint); last step: {out.as_dict()}")
+
+    def save(reason: str) -> Path | None:
+        nonlocal last_save
+        check_finite()  # never a checkpoint of a diverged head
+        last_save = time.monotonic()
+        if not st.is_main:
+            return None
+        path = save_checkpoint(out_dir, {
+            "head": head.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "marginal": marginal.state_dict() if marginal is not None else None, "epoch": epoch, "step_in_epoch": done, "step": step, "head_losses": head_losses.tolist(),
+            "loss_sum": loss_sum.tolist(), "loss_steps": loss_steps, "rng": _rng_states(),
+            "world_size": st.world_size, "reason": reason, "fingerprint": config_fingerprint(cfg),
+        }, keep=cfg.train.keep_checkpoints)
+        # Epoch-end and periodic checkpoints are routine (a line per epoch floods short runs' logs).
+        (log.debug if reason in ("epoch end", "periodic") else log.info)("checkpoint %s (%s)", path, reason)
+        return path
+
+    def periodic_due() -> bool:
+        minutes = cfg.train.checkpoint_minutes
+        return bool((cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+                    or (minutes and time.monotonic() - last_save >= 60 * minutes))
+
     # One bar for the run, the epoch in its postfix: a bar per epoch floods logs when epochs are short.
     bar = progress(None, st.is_main, desc="train", total=stop_at, initial=step)
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if step >= stop_at:
-            break
-        source.set_epoch(epoch)
-        model.train()
-        epoch_loss_sum = torch.zeros(cfg.head.num_heads)
-        epoch_steps = 0
-        t_last, seen_since = time.perf_counter(), 0
-        for feats, n in source:
-            if step >= stop_at:
-                break  # every rank sees the same stop_at, so all stop together
-            lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.min_lr)
-            out = train_step(model, opt, scaler, feats, n, cfg, precision, lr)
-            step += 1
-            epoch_steps += 1
-            bar.update(1)
-            epoch_loss_sum += out.total.float().cpu()
-            seen_since += out.batch_size
-            if not math.isfinite(float(out.total.sum())):
-                raise FloatingPointError(f"non-finite loss at step {step}: {out.as_dict()}")
-            if step % cfg.train.log_every == 0 or step == stop_at:
-                now = time.perf_counter()
-                ips = seen_since / max(now - t_last, 1e-9)
-                t_last, seen_since = now, 0
-                terms = out.as_dict()
-                jsonl.write(kind="step", step=step, epoch=epoch, lr=lr, img_per_s=round(ips, 1), **terms)
-                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.train.epochs}", loss=f"{terms['loss']:.3f}",
-                                H=f"{terms['entropy']:.3f}", ips=f"{ips:.0f}", refresh=False)
-        head_losses = epoch_loss_sum / max(epoch_steps, 1)
-        skipped = _global_skip_counts(source.stats, st)
-        if any(skipped.values()):
-            log.warning("epoch %d: skipped samples %s", epoch + 1, skipped)
-        # An epoch cut short by max_steps is not counted: resuming re-runs it from its first step.
-        completed = epoch + 1 if epoch_steps == steps_per_epoch else epoch
-        if st.is_main:
-            save_checkpoint(ckpt_path, {
-                "head": head.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": completed, "step": completed * steps_per_epoch, "fingerprint": fingerprint,
-                "head_losses": head_losses.tolist(),
-            })
-        jsonl.write(kind="epoch", epoch=epoch, step=step, loss=head_losses.tolist(), skipped=skipped)
-    bar.close()
-    jsonl.close()
+    stop.in_loop = True
+    try:
+        while epoch < cfg.train.epochs and step < stop_at:
+            source.set_epoch(epoch, done)
+            model.train()
+            t_last, seen_since = time.perf_counter(), torch.zeros((), device=st.device)
+            for feats, n in source:
+                lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps,
+                           cfg.optim.min_lr)
+                out = train_step(model, opt, scaler, feats, n, cfg, precision, lr, marginal)
+                step, done = step + 1, done + 1
+                bar.update(1)
+                if n == 0 and float(out.batch_size) == 0:  # read only where it can be 0 (scp_loss)
+                    log.warning("step %d: every sample of the global batch was skipped; no update", step)
+                else:
+                    loss_steps += 1
+                    loss_sum += out.total.detach().float()
+                    nonfinite |= ~torch.isfinite(out.total).all()
+                seen_since += out.batch_size
+                if step % cfg.train.log_every == 0 or step == stop_at:
+                    check_finite()
+                    now = time.perf_counter()
+                    ips = float(seen_since) / max(now - t_last, 1e-9)
+                    t_last, seen_since = now, torch.zeros((), device=st.device)
+                    terms = out.as_dict()
+                    jsonl.write(kind="step", step=step, epoch=epoch, lr=lr, img_per_s=round(ips, 1), **terms)
+                    bar.set_postfix(epoch=f"{epoch + 1}/{cfg.train.epochs}", loss=f"{terms['loss']:.3f}",
+                                    H=f"{terms['entropy']:.3f}", ips=f"{ips:.0f}", refresh=False)
+                signum = stop.agreed(st)  # every rank asks after every step: they stop together
+                if signum is not None:
+                    path = save(f"signal {signum}")
+                    jsonl.write(kind="stopped", step=step, epoch=epoch, signal=signum)
+                    # No rank leaves before rank 0's checkpoint is on disk: torchrun stops the other
+                    # workers of a node as soon as one exits. Cannot hang: every rank just agreed.
+                    D.barrier()
+                    raise Preempted(signum, f"at step {step}" + (f"; checkpoint {path}" if path else ""))
+                if step >= stop_at and done < steps_per_epoch:
+                    break  # max_steps inside an epoch: every rank sees the same stop_at
+                if periodic_due() and done < steps_per_epoch:
+                    save("periodic")
+            if done < steps_per_epoch:  # stopped early by train.max_steps
+                head_losses = loss_sum.cpu() / max(loss_steps, 1)
+                save("max_steps")
+                break
+            check_finite()
+            head_losses = loss_sum.cpu() / max(loss_steps, 1)
+            skipped = _global_skip_counts(source.stats, st)
+            if any(skipped.values()):
+                log.warning("epoch %d: skipped samples %s", epoch + 1, skipped)
+            jsonl.write(kind="epoch", epoch=epoch, step=step, loss=head_losses.tolist(), skipped=skipped)
+            epoch, done, loss_sum, loss_steps = epoch + 1, 0, torch.zeros_like(loss_sum), 0
+            save("epoch end")
+        # A signal during the last checkpoint write: evaluation is not started under a time limit.
+        signum = stop.agreed(st)
+        if signum is not None:
+            raise Preempted(signum, f"after training (step {step}, checkpoint written)")
+    finally:
+        stop.in_loop = False
+        bar.close()
+        jsonl.close()
     log.info("final mean loss per head: %s", ", ".join(f"{v:.4f}" for v in head_losses.tolist()))
-    del model, opt  # the DDP reducer must die before the process group (distributed.teardown)
+    model = opt = None  # the DDP reducer must die before the process group (distributed.teardown)
     return head_losses
 
 
 def evaluate(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, head_losses: torch.Tensor,
              out_dir: Path) -> dict:
     """Every split through features -> head; rank 0 chooses, scores (next to k-means) and writes."""
-    preds = {split: predict(source.eval_batches(split), head, st, keep_features=cfg.output.kmeans)
-             for split in eval_splits(cfg)}  # rank 0 holds them, the others None
-    results = report(cfg, preds, head_losses, out_dir) if st.is_main else None
+    metrics = out_dir / "metrics.jsonl" if st.is_main else None
+    preds, local_feats = {}, {}
+    with stage("predict", metrics, _world_max(st)):
+        for split in eval_splits(cfg):  # rank 0 holds the predictions, every rank its own features
+            preds[split], local_feats[split] = predict(source.eval_batches(split), head, st,
+                                                       keep_features=cfg.output.kmeans)
+    with stage("kmeans", metrics, _world_max(st)):
+        kmeans = kmeans_baseline(cfg, st, local_feats) if cfg.output.kmeans else None
+    del local_feats
+    with stage("report", metrics):  # rank 0: choice, Hungarian scores, eval.json, assignments
+        results = report(cfg, preds, head_losses, out_dir, kmeans) if st.is_main else None
     results = D.broadcast_object(results)
     if st.is_main:
         jsonl = JsonlLog(out_dir / "metrics.jsonl")
@@ -201,28 +307,80 @@ def evaluate(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPH
     return results
 
 
-def train(cfg: DictConfig, st: D.DistState) -> dict:
+def open_run(cfg: DictConfig, st: D.DistState, out_dir: Path) -> tuple[dict | None, IO[str] | None]:
+    """Claim the run directory (rank 0 locks it), decide between resuming and starting, and only
+    then write config.yaml: a refused resume leaves the run's files as they were. Returns the
+    checkpoint to resume (on every rank) and the lock to hold for the run."""
+    resume = cfg.train.resume
+    if resume == "false" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        # torchrun restarted the group after a failure: continuing is the point of the restart.
+        log.info("torchrun restart %s: resuming from the last checkpoint", os.environ["TORCHELASTIC_RESTART_COUNT"])
+        resume = "auto"
+    held, found = None, None
+    if st.is_main:
+        held = rundir.lock(out_dir)
+        try:
+            if remove_stale_temporaries(out_dir):
+                log.info("removed temporary files of an interrupted checkpoint write in %s", out_dir)
+            if resume == "false":
+                rundir.prepare_fresh(out_dir, cfg.output.overwrite)
+            else:
+                found = load_latest(out_dir, config_fingerprint(cfg))
+                if found is None and resume == "true":
+                    raise CheckpointError(f"train.resume=true but {out_dir} holds no checkpoint "
+                                          "(train.resume=auto starts fresh when there is none)")
+            save_config(cfg, out_dir / "config.yaml")
+        except BaseException:
+            held.close()
+            raise
+    path = D.broadcast_object(str(found[1]) if found else None)
+    if path is None:
+        return None, held
+    state = found[0] if found else torch.load(path, map_location="cpu", weights_only=False)
+    log.info("resuming from %s", path)
+    return state, held
+
+
+def train(cfg: DictConfig, st: D.DistState, stop: StopSignals | None = None) -> dict:
     """build -> fit -> evaluate. Every rank calls it; rank 0's result holds the predictions."""
     check_world_size(cfg, st.world_size)
     prepare_data(cfg, st)
     out_dir = run_dir(cfg)
-    if st.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    precision = resolve_precision(cfg.train.precision, st.device)
-    backbone = build_backbone(cfg.backbone).to(st.device)
-    head = build_head(cfg, backbone.feature_dim, st)
-    log.info("backbone %s: %d-d features at %dpx; head %s; world size %d on %s (%s)", backbone.name,
-             backbone.feature_dim, backbone.image_size, head.extra_repr(), st.world_size, st.device, precision)
-    source = build_source(cfg, st, backbone, precision)
-    del backbone  # cached mode: nothing holds it any more, its memory goes back before training
-    if st.device.type == "cuda":
-        torch.cuda.empty_cache()
-    head_losses = fit(cfg, st, source, head, out_dir, precision)
-    D.barrier()
-    return evaluate(cfg, st, source, head, head_losses, out_dir)
+    resume_state, held = open_run(cfg, st, out_dir)
+    metrics = out_dir / "metrics.jsonl" if st.is_main else None
+    world_max = _world_max(st)
+    try:
+        torch.manual_seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        precision = resolve_precision(cfg.train.precision, st.device)
+        with stage("backbone", metrics, world_max):
+            backbone = build_backbone(cfg.backbone).to(st.device)
+        head = build_head(cfg, backbone.feature_dim, st)
+        log.info("backbone %s: %d-d features at %dpx; head %s; world size %d on %s (%s)%s", backbone.name,
+                 backbone.feature_dim, backbone.image_size, head.extra_repr(), st.world_size, st.device, precision,
+                 f"; a rank stuck in a collective fails after dist.timeout_s={cfg.dist.timeout_s} s"
+                 if st.distributed else "")
+        with stage("features", metrics, world_max):  # cached mode: the extraction
+            source = build_source(cfg, st, backbone, precision)
+        del backbone  # cached mode: nothing holds it any more, its memory goes back before training
+        if st.device.type == "cuda":
+            torch.cuda.empty_cache()
+        with stage("train", metrics, world_max):
+            head_losses = fit(cfg, st, source, head, out_dir, precision, resume_state, stop)
+        D.barrier()
+        with stage("evaluate", metrics, world_max):
+            return evaluate(cfg, st, source, head, head_losses, out_dir)
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _world_max(st: D.DistState):
+    def world_max(x: float) -> float:
+        dev = st.device if st.backend == "nccl" else torch.device("cpu")
+        return float(D.max_detached(torch.tensor([x], dtype=torch.float64, device=dev)).item())
+
+    return world_max
 
 
 def _global_skip_counts(stats, st: D.DistState) -> dict[str, int]:
@@ -234,9 +392,10 @@ def _global_skip_counts(stats, st: D.DistState) -> dict[str, int]:
     return {k: int(v) for k, v in zip(names, total.tolist(), strict=True)}
 
 
-# Errors that name what the user must fix (a config key, a shard, a checkpoint, a cache): printed
-# as one line, not a traceback.
-USER_ERRORS = (ConfigError, ShardError, CheckpointError, CacheMismatchError, FileNotFoundError)
+# Errors that name what the user must fix (a config key, a shard, a checkpoint, a cache, a busy run
+# directory): printed as one line, not a traceback.
+USER_ERRORS = (ConfigError, ShardError, DataError, CheckpointError, CacheMismatchError, RunDirError,
+               FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,16 +405,27 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    stop = StopSignals().install()
     st = D.init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
     setup_logging(st.is_main)
     try:
-        train(cfg, st)
+        train(cfg, st, stop)
+    except Preempted as e:
+        if st.is_main:
+            log.warning("%s; run the same command again (train.resume=auto) to continue", e)
+        code = e.exit_code
     except USER_ERRORS as e:
-        print(f"error (rank {st.rank}): {e}", file=sys.stderr)
-        return 2
-    finally:
+        print(f"error (rank {st.rank}): {e}", file=sys.stderr, flush=True)
+        code = 2
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    else:
         D.teardown()
-    return 0
+        return 0
+    if st.distributed:
+        D.exit_now(code)  # no barrier on the way out: see distributed.exit_now
+    return code
 
 
 if __name__ == "__main__":

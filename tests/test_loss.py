@@ -98,3 +98,122 @@ def test_bf16_logits_are_upcast():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differ in shape"):
         scp_loss(torch.zeros(4, 3), torch.zeros(4, 5))
+
+
+# ---------------------------------------------------------------- loss.marginal=ema (MarginalEstimate)
+
+
+def _logits(seed: int, heads: int = 2, n: int = 24, k: int = 9, grad: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    za = torch.randn(heads, n, k, generator=g, dtype=torch.float64, requires_grad=grad)
+    zb = torch.randn(heads, n, k, generator=g, dtype=torch.float64, requires_grad=grad)
+    return za, zb
+
+
+def _grads(out, za, zb):
+    return torch.autograd.grad(out.loss, (za, zb))
+
+
+def test_marginal_none_is_the_batch_loss_bit_for_bit():
+    za, zb = _logits(10)
+    ref = scp_loss(za, zb, alpha=1.5, ce_reduction="mean")
+    got = scp_loss(za, zb, alpha=1.5, ce_reduction="mean", marginal=None)
+    for name in ("total", "ce", "con", "entropy", "loss"):
+        assert torch.equal(getattr(ref, name), getattr(got, name)), name
+    for a, b in zip(_grads(ref, za, zb), _grads(got, za, zb), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9, 0.999])
+def test_ema_first_step_and_zero_momentum_equal_the_batch_loss(momentum):
+    """Bias correction: step 1 of any momentum, and every step of momentum 0, is the batch loss."""
+    from scp_dist.loss import MarginalEstimate
+
+    est = MarginalEstimate(2, 9, momentum)
+    for step in range(3 if momentum == 0.0 else 1):
+        za, zb = _logits(20 + step)
+        ref = scp_loss(za, zb, alpha=1.3, ce_reduction="mean")
+        got = scp_loss(za, zb, alpha=1.3, ce_reduction="mean", marginal=est)
+        torch.testing.assert_close(got.entropy, ref.entropy)
+        torch.testing.assert_close(got.total, ref.total)
+        for a, b in zip(_grads(got, za, zb), _grads(ref, za, zb), strict=True):
+            torch.testing.assert_close(a, b)
+    assert int(est.steps) == (3 if momentum == 0.0 else 1)
+
+
+def test_ema_update_value_and_gradient():
+    """E_t = m E_{t-1} + (1-m) P_t, Q = E_t / (1 - m^t); the logged entropy is H(Q) over both views and
+    the gradient is that of -sum_k log(Q_k).detach() * P_k (P: this batch's marginals)."""
+    from scp_dist.loss import MarginalEstimate
+
+    m, k = 0.8, 9
+    est = MarginalEstimate(2, k, m)
+    ema = torch.zeros(2, 2, k, dtype=torch.float64)
+    for t in range(1, 5):
+        za, zb = _logits(30 + t)
+        out = scp_loss(za, zb, alpha=2.0, ce_reduction="mean", marginal=est)
+        p = torch.stack([za.softmax(-1).mean(1), zb.softmax(-1).mean(1)], dim=1)  # (H, 2, K)
+        ema = m * ema + (1 - m) * p.detach()
+        q = ema / (1 - m**t)
+        torch.testing.assert_close(est.ema, ema)
+        torch.testing.assert_close(est.estimate(), q)
+        torch.testing.assert_close(out.entropy, -(q * q.log()).sum(dim=(-2, -1)))
+        no_entropy = scp_loss(za, zb, alpha=0.0, ce_reduction="mean")  # L_e and L_con are untouched
+        want = no_entropy.loss - 2.0 * (-(p * q.log()).sum())
+        for a, b in zip(_grads(out, za, zb), torch.autograd.grad(want, (za, zb)), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_ema_state_dict_resumes_exactly():
+    from scp_dist.loss import MarginalEstimate
+
+    whole, first = MarginalEstimate(2, 9, 0.95), MarginalEstimate(2, 9, 0.95)
+    for t in range(3):
+        za, zb = _logits(40 + t, grad=False)
+        scp_loss(za, zb, marginal=whole)
+        scp_loss(za, zb, marginal=first)
+    state = torch.load(_roundtrip(first.state_dict()), weights_only=True)
+    resumed = MarginalEstimate(2, 9, 0.95)
+    resumed.load_state_dict(state)
+    for t in range(3, 6):
+        za, zb = _logits(40 + t, grad=False)
+        a, b = scp_loss(za, zb, marginal=whole), scp_loss(za, zb, marginal=resumed)
+        assert torch.equal(a.entropy, b.entropy) and torch.equal(a.total, b.total)
+    assert torch.equal(whole.ema, resumed.ema) and int(whole.steps) == int(resumed.steps) == 6
+    with pytest.raises(ValueError, match="shape"):
+        MarginalEstimate(3, 9, 0.95).load_state_dict(state)
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_ema_heads_are_independent():
+    from scp_dist.loss import MarginalEstimate
+
+    za, zb = _logits(50, heads=3, grad=False)
+    together = MarginalEstimate(3, 9, 0.9)
+    out = scp_loss(za, zb, marginal=together)
+    for h in range(3):
+        alone = MarginalEstimate(1, 9, 0.9)
+        torch.testing.assert_close(scp_loss(za[h], zb[h], marginal=alone).entropy[0], out.entropy[h])
+        torch.testing.assert_close(alone.ema[0], together.ema[h])
+
+
+def test_build_marginal_and_config_keys():
+    from scp_dist.config import ConfigError, load_config
+    from scp_dist.loss import MarginalEstimate, build_marginal
+
+    assert build_marginal(load_config(None).loss, 1, 10) is None  # the default: the exact batch entropy
+    cfg = load_config(None, ["loss.marginal=ema", "loss.ema_momentum=0.99", "head.num_clusters=7"])
+    est = build_marginal(cfg.loss, 2, cfg.head.num_clusters, "cpu")
+    assert isinstance(est, MarginalEstimate) and est.momentum == 0.99 and tuple(est.ema.shape) == (2, 2, 7)
+    with pytest.raises(ConfigError, match="loss.marginal"):
+        load_config(None, ["loss.marginal=window"])
+    with pytest.raises(ConfigError, match="loss.ema_momentum"):
+        load_config(None, ["loss.marginal=ema", "loss.ema_momentum=1.0"])

@@ -17,7 +17,7 @@ from scp_dist.checkpoint import CheckpointError
 from scp_dist.config import ConfigError, load_config
 from scp_dist.distributed import DistState
 from scp_dist.train import train
-from tests.conftest import REPO, head_params, overrides, run_cli
+from tests.conftest import REPO, head_params, last_checkpoint, overrides, run_cli
 
 pytestmark = pytest.mark.slow  # several processes or whole jobs: tens of seconds
 
@@ -49,11 +49,11 @@ def test_torchrun_two_processes_checkpoint_resume_evaluate(tmp_path, digits_root
     steps_per_epoch = 1797 // 256
     first = overrides(tmp_path, digits_root, **{"output.run_name": "resumed", "train.max_steps": steps_per_epoch})
     run_cli(["--config", "demo_digits", *first], torchrun=2)
-    ckpt = torch.load(tmp_path / "runs" / "resumed" / "checkpoint.pt", weights_only=False)
-    assert ckpt["epoch"] == 1 and ckpt["step"] == steps_per_epoch
+    ckpt = last_checkpoint(tmp_path / "runs" / "resumed")
+    assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == 0 and ckpt["step"] == steps_per_epoch
     second = overrides(tmp_path, digits_root, **{"output.run_name": "resumed", "train.resume": "true"})
     proc = run_cli(["--config", "demo_digits", *second], torchrun=2)
-    assert "resumed from" in proc.stderr
+    assert "resumed at epoch 2, step 7" in proc.stderr
     a, b = head_params(tmp_path / "runs" / "straight"), head_params(tmp_path / "runs" / "resumed")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -4,11 +4,13 @@
   step     full training step vs backbone-only forward (images/s, ratio; goal >= 0.9)
   scaling  images/s of the training job (torchrun) with 1 and 2 ranks, ratio to linear
   head     head training on cached CIFAR-10-sized features (30 epochs), optionally H heads at once
-  all      data, step, scaling and head in sequence with their defaults
+  kmeans   the k-means baseline (faiss, scp_dist.kmeans) on cached CIFAR-10-sized features, CPU and GPU
+  all      data, step, scaling, head and kmeans in sequence with their defaults
   report   only rebuild BENCHMARKS.md from the stored results
 
-Results go to <results-dir>/<name>-<host kind>.json (host kind: cpu or the GPU's name) and the
-generated section of BENCHMARKS.md is rebuilt from every result file.
+Results go to <results-dir>/<name>-<host kind>[-<tag>].json (host kind: cpu or the GPU's name)
+and the generated section of BENCHMARKS.md is rebuilt from every result file. All of them on a GPU
+host, with goals and a time budget per part: `bash launch/gpu_check.sh` (benchmarks/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.bench import common as C
-from benchmarks.bench import data, head, scaling, step
+from benchmarks.bench import data, head, kmeans, scaling, step
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], C.BenchResult]
@@ -28,14 +30,18 @@ BENCHMARKS: dict[str, tuple[AddArgs, Run, str]] = {
     "step": (step.add_args, step.run, "training step vs backbone-only forward"),
     "scaling": (scaling.add_args, scaling.run, "training job images/s with 1 and 2 ranks"),
     "head": (head.add_args, head.run, "head training on cached CIFAR-10-sized features"),
+    "kmeans": (kmeans.add_args, kmeans.run, "faiss k-means baseline on cached CIFAR-10-sized features"),
 }
-ALL = ("data", "step", "scaling", "head")
+ALL = ("data", "step", "scaling", "head", "kmeans")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results-dir", type=Path, default=C.DEFAULT_RESULTS_DIR, help="where the JSON results go")
     p.add_argument("--markdown", type=Path, default=C.DEFAULT_MARKDOWN, help="the markdown file to regenerate")
     p.add_argument("--no-markdown", action="store_true", help="write the JSON only")
+    p.add_argument("--tag", default="", help="kept apart from untagged runs: <name>-<host>-<tag>.json")
+    p.add_argument("--save-partial", action="store_true",
+                   help="write the JSON after every row too, so a run killed at a time budget leaves its rows")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +62,7 @@ def run_one(name: str, args: argparse.Namespace) -> C.BenchResult:
     t0 = time.perf_counter()
     print(f"== scp-bench {name} on {C.host_kind()}: {C.describe_machine(C.machine_info())}", flush=True)
     result = BENCHMARKS[name][1](args)
+    result.tag = args.tag
     return C.finish(result, args.results_dir, None if args.no_markdown else args.markdown, t0)
 
 

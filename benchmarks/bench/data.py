@@ -50,6 +50,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=64, help="global batch (one rank)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the synthetic shards are kept")
     p.add_argument("--no-cuda", action="store_true", help="skip dali-cuda even when a GPU is present")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a backend that fails is noted in the result and the others still run")
+    p.add_argument("--dali-devices", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"],
+                   help="DALI runs in this order: cpu (CPU-only mode) and cuda (mixed nvJPEG decode + GPU "
+                        "augmentation; only where a GPU is present)")
 
 
 def time_loader(root: Path, loader: str, workers: int, batch: int, image_size: int,
@@ -103,13 +108,17 @@ def run(args: argparse.Namespace) -> C.BenchResult:
         if not have_dali:
             notes.append(f"{b}: skipped, nvidia.dali does not import")
             continue
-        runs.append((f"{b}-cpu", b, torch.device("cpu")))
-        if torch.cuda.is_available() and not args.no_cuda:
-            runs.append((f"{b}-cuda", b, torch.device("cuda", 0)))
+        for d in dict.fromkeys(args.dali_devices):
+            if d == "cpu":
+                runs.append((f"{b}-cpu", b, torch.device("cpu")))
+            elif torch.cuda.is_available() and not args.no_cuda:
+                runs.append((f"{b}-cuda", b, torch.device("cuda", 0)))
     if "dali" in args.backends and have_dali:
         notes.append("dali: the DataLoader workers only read bytes; decode + augment run in one DALI "
                      "pipeline with 2 threads in the main process")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    params = {"n": args.n, "size": f"{args.width}x{args.height}", "quality": args.quality,
+              "image_size": args.image_size, "batch": args.batch}
     for label, loader, device in runs:
         for w in args.workers:
             try:
@@ -117,8 +126,14 @@ def run(args: argparse.Namespace) -> C.BenchResult:
             except (ConfigError, ImportError) as e:  # a backend this install or config cannot run
                 notes.append(f"{label}: skipped, {e}")
                 break
+            except Exception as e:
+                if not args.keep_going:
+                    raise
+                notes.append(f"{label}: FAILED, {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                print(f"  {label}: FAILED ({type(e).__name__}: {e})", flush=True)
+                break
             rows.append({"backend": label, "workers": w, **res})
             print(f"  {label:<18} workers={w}: {res['img_per_s']:.1f} images/s", flush=True)
-    params = {"n": args.n, "size": f"{args.width}x{args.height}", "quality": args.quality,
-              "image_size": args.image_size, "batch": args.batch}
+            C.save_partial(args, C.BenchResult("data", params, COLUMNS, list(rows), list(notes)),
+                           f"{label} workers={w}")
     return C.BenchResult("data", params, COLUMNS, rows, notes)

@@ -20,7 +20,7 @@ from benchmarks.bench import common as C
 from scp_dist.config import load_config
 from scp_dist.models.head import SCPHead
 from scp_dist.schedule import lr_at
-from scp_dist.train import train_step
+from scp_dist.train import build_optimizer, train_step
 
 PAPER_HIDDEN = [1024, 786, 512, 1024]
 PAPER_EPOCHS = 30
@@ -75,8 +75,8 @@ def train_head(fa: torch.Tensor, fb: torch.Tensor, hidden: list[int], k: int, he
         raise ValueError(f"--n {n} is smaller than --batch {batch}")
     total = steps_per_epoch * epochs
     head = SCPHead(fa.shape[1], hidden, k, num_heads=heads, seed=seed).to(device)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    cfg = load_config(None, [f"head.num_clusters={k}"])  # the loss settings of the job's defaults
+    cfg = load_config(None, [f"head.num_clusters={k}", f"optim.lr={lr}"])  # the job's loss and optimizer
+    opt = build_optimizer(cfg, head)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     g = torch.Generator(device=device).manual_seed(seed)
     epoch_times = []
@@ -111,7 +111,10 @@ def run(args: argparse.Namespace) -> C.BenchResult:
             devices.append(C.pick_device(d))
     devices = list(dict.fromkeys(devices))
     heads = sorted({1, *args.heads})
-    rows, notes = [], []
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    params = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "epochs": args.epochs, "batch": args.batch,
+              "hidden": list(args.hidden), "heads": heads}
     for device in devices:
         precision = args.precision
         if precision == "auto":
@@ -137,6 +140,8 @@ def run(args: argparse.Namespace) -> C.BenchResult:
             }
             rows.append(row)
             print(f"  {device.type} H={h}: {total:.2f} s for {args.epochs} epoch(s)", flush=True)
+            C.save_partial(args, C.BenchResult("head", params, COLUMNS, list(rows), list(notes)),
+                           f"{device.type} H={h}")
         del fa, fb
         if device.type == "cuda":
             gpu_1 = next(r for r in rows if r["device"] == "cuda" and r["heads"] == 1)
@@ -148,6 +153,4 @@ def run(args: argparse.Namespace) -> C.BenchResult:
     notes.append(f"{args.n} x {args.dim} cached features x 2 views (Gaussian mixture), K={args.clusters}, "
                  f"batch {args.batch}, {args.n // args.batch} steps/epoch; 'est. 30 epochs' = s/epoch x 30; "
                  "'vs H runs' = time(H) / (H x time(1)): below 1 means one H-head pass beats H runs")
-    params = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "epochs": args.epochs, "batch": args.batch,
-              "hidden": list(args.hidden), "heads": heads}
     return C.BenchResult("head", params, COLUMNS, rows, notes)

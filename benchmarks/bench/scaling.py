@@ -70,6 +70,8 @@ def overrides(p: dict[str, Any], data_root: Path, out_dir: Path, run_name: str, 
         "output.dir": out_dir, "output.run_name": run_name, "output.save_assignments": "false",
         "train.global_batch": p["batch"], "train.max_steps": p["steps"], "train.epochs": epochs,
         "train.log_every": p["log_every"], "train.device": device,
+        # The k-means baseline is not what this measures, and faiss may be missing (a bare GPU host).
+        "output.kmeans": "false",
     }
     if p["backbone"] != "pixels":
         ov.update({"backbone.model": p["model"], "backbone.pretrained": ""})
@@ -171,6 +173,9 @@ def run(args: argparse.Namespace) -> C.BenchResult:
             rows.append(row)
             notes += run_notes
             print(f"  {n} rank(s): {row['img_per_s']:.1f} images/s", flush=True)
+            ratios_to_linear(rows)
+            C.save_partial(args, C.BenchResult("scaling", p, COLUMNS, [dict(r) for r in rows], list(notes)),
+                           f"{n} rank(s)")
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -19,6 +19,7 @@ from scp_dist.config import load_config
 from scp_dist.evaluate import autocast_context
 from scp_dist.models.backbones import build_backbone
 from scp_dist.models.head import SCPHead
+from scp_dist.train import build_optimizer
 from scp_dist.train import train_step as job_train_step
 
 COLUMNS = [
@@ -76,7 +77,7 @@ def _measure(p: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], l
                              f"head.num_clusters={p['clusters']}"])
     backbone = build_backbone(cfg.backbone).to(device)
     head = SCPHead(backbone.feature_dim, list(cfg.head.hidden), cfg.head.num_clusters).to(device)
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    opt = build_optimizer(cfg, head)
     n, s = p["batch"], backbone.image_size
     gen = torch.Generator().manual_seed(0)
     views = torch.randn(2 * n, 3, s, s, generator=gen).to(device)  # [a; b] as train.py feeds them

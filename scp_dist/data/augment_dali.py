@@ -19,6 +19,12 @@ The cost is a header parse (PIL, no decode) and ~6 random numbers per view on th
 
 EXIF orientation is ignored (`adjust_orientation=False`) because the torch backend's PIL decode
 ignores it too, and both backends must see the same pixels.
+
+Bad input never reaches DALI: a corrupt stream can crash the process inside DALI (DALI 2.4.0 was
+seen to segfault on a truncated PNG), and a crash is no exception the loader can skip. Every
+sample's bytes pass `_dali_problem` first (PNG and JPEG: augment_torch.structure_problem, a walk
+over the chunk headers, not a decode; any other format: a full PIL decode). What fails it is
+skipped as corrupt_image (or raised), as the torch backend, which runs the same check, does.
 """
 
 from __future__ import annotations
@@ -29,7 +35,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scp_dist.data.augment_torch import ViewDraw, ViewSpec, decode_rgb, draw_view, sample_rng
+from scp_dist.data.augment_torch import (
+    ViewDraw,
+    ViewSpec,
+    decode_rgb,
+    draw_view,
+    is_png_or_jpeg,
+    sample_rng,
+    structure_problem,
+)
 from scp_dist.data.batch import Batch
 from scp_dist.data.reader import CORRUPT_IMAGE, RawSample
 
@@ -43,6 +57,18 @@ def _image_hw(data: bytes) -> tuple[int, int]:
 
 def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def _dali_problem(data: bytes) -> str | None:
+    """Why the encoded image must not reach DALI, or None: PNG and JPEG get the structural check
+    both backends share; other formats are rare here, so PIL decodes them in full."""
+    if is_png_or_jpeg(data):
+        return structure_problem(data)
+    try:
+        decode_rgb(data)
+    except Exception as e:  # PIL raises several types for corrupt data
+        return _error_text(e)
+    return None
 
 
 class DaliViews:
@@ -199,6 +225,10 @@ class DaliViews:
                 hw = _image_hw(r.image)
             except Exception as e:  # unidentifiable header: DALI would fail the whole batch on it
                 skipped.append((CORRUPT_IMAGE, r.key, _error_text(e)))
+                continue
+            problem = _dali_problem(r.image)
+            if problem is not None:
+                skipped.append((CORRUPT_IMAGE, r.key, problem))
                 continue
             raws.append(r)
             hws.append(hw)

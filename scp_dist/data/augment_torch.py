@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,11 +42,90 @@ class ViewSpec:
                    tuple(aug.blur_sigma), float(aug.blur_kernel_frac))
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG markers without a length field: TEM and the restart markers.
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def _png_problem(data: bytes) -> str | None:
+    pos, idat = len(_PNG_SIGNATURE), False
+    while pos + 12 <= len(data):
+        n, kind = struct.unpack_from(">I4s", data, pos)
+        if pos == len(_PNG_SIGNATURE) and (kind != b"IHDR" or n != 13):
+            return "PNG does not start with an IHDR chunk"
+        pos += 12 + n  # length, type, data, CRC
+        if pos > len(data):
+            return f"PNG chunk {kind.decode('latin-1')!r} runs past the end of the data (truncated)"
+        if kind == b"IEND":
+            return None if idat else "PNG without image data (no IDAT chunk)"
+        idat = idat or kind == b"IDAT"
+    return "PNG ends before its IEND chunk (truncated)"
+
+
+def _jpeg_problem(data: bytes) -> str | None:
+    pos = 2
+    while True:  # the header segments, up to the first scan
+        if pos + 4 > len(data):
+            return "JPEG ends inside its headers (truncated)"
+        if data[pos] != 0xFF:
+            return f"JPEG: no marker at byte {pos}"
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if marker == 0xD9:
+            return "JPEG ends before its first scan"
+        (n,) = struct.unpack_from(">H", data, pos + 2)
+        pos += 2 + n
+        if marker == 0xDA:
+            break
+    # Entropy-coded data stuffs every 0xFF with 0x00, so an end-of-image marker after the first
+    # scan's header is the real one (an EXIF thumbnail's lies before it).
+    if data.rfind(b"\xff\xd9") < pos:
+        return "JPEG without an end-of-image marker after its scan data (truncated)"
+    return None
+
+
+def is_png_or_jpeg(data: bytes) -> bool:
+    return data.startswith((_PNG_SIGNATURE, b"\xff\xd8"))
+
+
+def structure_problem(data: bytes) -> str | None:
+    """Why a PNG or JPEG stream is incomplete, or None (also for other formats): a walk over its
+    chunk or segment headers, no CRC, no decode. The DALI backend runs it before DALI sees the
+    bytes (a truncated stream can crash DALI); decode_rgb runs it too, so both backends reject
+    the same files (PIL alone would read a PNG missing its IEND chunk)."""
+    if data.startswith(_PNG_SIGNATURE):
+        return _png_problem(data)
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_problem(data)
+    return None
+
+
+# PIL opens 16-bit grey PNGs in these modes, whose convert("RGB") clips at 255 instead of scaling.
+_WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+def _rgb8(im: Image.Image) -> np.ndarray:
+    if im.mode not in _WIDE_MODES:
+        return np.asarray(im.convert("RGB"))
+    # round(v * 255 / 65535), as DALI's decoder does, so both backends see the same pixels.
+    grey = np.rint(np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
 def decode_rgb(data: bytes) -> torch.Tensor:
-    """Encoded PNG/JPEG -> uint8 (3, H, W). Raises on corrupt data (PIL's errors)."""
+    """Encoded PNG/JPEG -> uint8 (3, H, W), 16-bit PNGs scaled to 8 bits. Raises on corrupt data
+    (ValueError for an incomplete stream, else PIL's errors)."""
+    problem = structure_problem(data)
+    if problem is not None:
+        raise ValueError(problem)
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        arr = np.asarray(im.convert("RGB"))
+        arr = _rgb8(im)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 

@@ -5,9 +5,12 @@ reads bytes in the workers and decodes + augments in a DALI pipeline (GPU `mixed
 GPU is there, DALI's CPU-only mode otherwise); `auto` picks DALI when it imports. Both obey the
 same plan (plan.py), so which samples a rank sees does not depend on the backend.
 
-Bad samples (missing shard, truncated tar, no image, corrupt image) are skipped and counted in
-`loader.stats` (`data.on_error=skip`, the default) or stop the job (`raise`). A skipped sample only
-makes its rank's batch smaller; the loss is exact for unequal per-rank batches, so no rank waits.
+Bad samples (missing or unreadable shard, truncated tar, no image, corrupt image, bad label) are
+skipped and counted in `loader.stats` (`data.on_error=skip`, the default) or stop the job (`raise`).
+A skipped sample only makes its rank's batch smaller, never removes a step: every rank yields
+len(loader) batches, empty ones included, because the training step runs collectives; the loss is
+exact for unequal per-rank batches, so no rank waits. A shard the manifest does not describe stops
+the job whatever on_error says (reader.SHARD_MISMATCH).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from scp_dist.config import ConfigError
 from scp_dist.data import plan as P
 from scp_dist.data.augment_torch import ViewSpec, decode_rgb, plain_view, sample_rng, two_views
 from scp_dist.data.batch import Batch, DataError, LoaderStats
-from scp_dist.data.reader import CORRUPT_IMAGE, SampleReader
+from scp_dist.data.reader import CORRUPT_IMAGE, SHARD_MISMATCH, SampleReader
 from scp_dist.shards.manifest import Manifest, ShardError, read_manifest
 
 log = logging.getLogger("scp_dist")
@@ -96,23 +99,25 @@ def _identity(x: Any) -> Any:
 
 class _Loader:
     def __init__(self, split_dir: Path, data_cfg: Any, spec: ViewSpec, train: bool, seed: int,
-                 device: torch.device) -> None:
+                 device: torch.device, world_size: int, rank: int) -> None:
         self.manifest: Manifest = read_manifest(split_dir)
-        self.reader = SampleReader(self.manifest)
+        # data.verify: full sha256 of the shards, each rank hashing its share.
+        self.reader = SampleReader(self.manifest, verify=bool(data_cfg.verify), part=(rank, world_size))
         self.spec, self.train, self.seed, self.device = spec, train, seed, device
         self.num_workers = int(data_cfg.num_workers)
         self.on_error = data_cfg.on_error
         self.backend = choose_backend(data_cfg.loader)
         self.stats = LoaderStats()
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
         self._warned = 0
         self._dali = None
 
     def rows(self) -> list[np.ndarray]:
         raise NotImplementedError
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch `epoch` from its step `start` on (a resume in the middle of an epoch)."""
+        self.epoch, self.start = epoch, start
         self.stats.reset()
 
     def __len__(self) -> int:
@@ -127,6 +132,8 @@ class _Loader:
 
     def _account(self, batch: Batch) -> None:
         for reason, key, detail in batch.skipped:
+            if reason == SHARD_MISMATCH:
+                raise ShardError(detail)
             if self.on_error == "raise":
                 raise DataError(f"{reason}: sample {key}: {detail} (data.on_error=raise; 'skip' counts and skips)")
             self.stats.counts[reason] += 1
@@ -135,7 +142,7 @@ class _Loader:
                 log.warning("skipping sample %s (%s): %s", key, reason, detail)
 
     def __iter__(self):
-        ds = _PlanDataset(self.reader, self.rows(), self.spec, self.train, self.seed, self.epoch,
+        ds = _PlanDataset(self.reader, self.rows()[self.start:], self.spec, self.train, self.seed, self.epoch,
                           decode=self.backend == "torch")
         dl = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers, collate_fn=_identity,
                         pin_memory=self.device.type == "cuda", persistent_workers=False,
@@ -150,7 +157,7 @@ class _Loader:
 class TrainLoader(_Loader):
     def __init__(self, split_dir: Path, data_cfg: Any, spec: ViewSpec, *, world_size: int, rank: int,
                  global_batch: int, seed: int, device: torch.device) -> None:
-        super().__init__(split_dir, data_cfg, spec, True, seed, device)
+        super().__init__(split_dir, data_cfg, spec, True, seed, device, world_size, rank)
         self.world_size, self.rank, self.global_batch = world_size, rank, global_batch
         self.order, self.shuffle_buffer = str(data_cfg.order), int(data_cfg.shuffle_buffer)
         n = self.manifest.num_samples
@@ -181,7 +188,7 @@ class RangeLoader(_Loader):
 
     def __init__(self, split_dir: Path, data_cfg: Any, spec: ViewSpec, *, train: bool, world_size: int,
                  rank: int, batch_size: int, seed: int, device: torch.device) -> None:
-        super().__init__(split_dir, data_cfg, spec, train, seed, device)
+        super().__init__(split_dir, data_cfg, spec, train, seed, device, world_size, rank)
         self._rows = _eval_rows(self.manifest.num_samples, world_size, rank, batch_size)
 
     def rows(self) -> list[np.ndarray]:

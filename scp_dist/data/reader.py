@@ -2,26 +2,44 @@
 
 Uses the per-shard DALI index files (byte offsets of every member) so a rank reads exactly its
 planned samples without scanning other ranks' data. Problems are reported per sample (missing
-shard, truncated tar, sample without an image) so the loader can count and skip them, or stop.
+shard, truncated tar, sample without an image, bad label) so the loader can count and skip them,
+or stop. A shard that is not the one the manifest describes (longer, other sample count, other
+sha256 when asked) is no sample problem but a wrong data set: it stops the job (SHARD_MISMATCH).
+
+Nothing is ever written into the data set: a shard without an index (copied from elsewhere, or on a
+read-only mount) is indexed in memory, and the index is kept under the user's cache directory
+($XDG_CACHE_HOME/scp_dist/index) when that is writable, so later processes skip the tar scan.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from scp_dist.shards.manifest import Manifest, ShardError
-from scp_dist.shards.writer import IMAGE_EXTS, write_index
+from scp_dist.fileio import atomic_write_text
+from scp_dist.shards.manifest import Manifest, ShardError, shard_problem
+from scp_dist.shards.writer import IMAGE_EXTS, index_text
+
+log = logging.getLogger("scp_dist")
 
 # Reasons a sample can be skipped; the loader counts each.
 MISSING_SHARD = "missing_shard"
+BAD_SHARD = "bad_shard"  # not a readable tar, or an unreadable index
 TRUNCATED = "truncated"
 MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
-SKIP_REASONS = (MISSING_SHARD, TRUNCATED, MISSING_IMAGE, CORRUPT_IMAGE)
+BAD_LABEL = "bad_label"
+SKIP_REASONS = (MISSING_SHARD, BAD_SHARD, TRUNCATED, MISSING_IMAGE, CORRUPT_IMAGE, BAD_LABEL)
+# Never skipped, whatever data.on_error says: the manifest does not describe the shard, so the plan
+# built from it would read duplicates or leave samples out.
+SHARD_MISMATCH = "shard_mismatch"
+_REWRITE = "rewrite the split with `python -m scp_dist.shards`"
 
 
 @dataclass
@@ -31,7 +49,7 @@ class RawSample:
     image: bytes | None
     ext: str
     label: int  # -1 when unlabeled
-    error: str | None = None  # one of SKIP_REASONS
+    error: str | None = None  # one of SKIP_REASONS, or SHARD_MISMATCH
     detail: str = ""
 
 
@@ -42,10 +60,11 @@ class _Entry:
     cls: tuple[int, int] | None  # (offset, size)
 
 
-def parse_index(idx_path: Path) -> list[_Entry]:
-    lines = idx_path.read_text().splitlines()
+def parse_index(text: str, where: str | os.PathLike) -> list[_Entry]:
+    """The entries of an index (index_text's format); ValueError names `where` if it is not one."""
+    lines = text.splitlines()
     if not lines or not lines[0].startswith("v1.2"):
-        raise ShardError(f"{idx_path}: not a DALI webdataset index (first line {lines[:1]})")
+        raise ValueError(f"{where}: not a DALI webdataset index (first line {lines[:1]})")
     entries = []
     for line in lines[1:]:
         parts = line.split()
@@ -62,36 +81,116 @@ def parse_index(idx_path: Path) -> list[_Entry]:
     return entries
 
 
+def index_cache_path(tar: Path, st: os.stat_result) -> Path:
+    # Keyed by path, size and mtime: a rewritten shard never meets its predecessor's index.
+    ident = f"{tar.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape")
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "scp_dist" / "index" / f"{hashlib.sha256(ident).hexdigest()[:32]}.idx"
+
+
+def load_index(tar: Path, st: os.stat_result) -> str:
+    """The shard's index text: the .idx beside it, else the cached one, else built from the tar (and
+    cached if the cache is writable). Raises OSError, or tarfile.TarError for a file that is no tar."""
+    beside = tar.with_suffix(".idx")
+    if beside.is_file():
+        return beside.read_text()
+    cached = index_cache_path(tar, st)
+    if cached.is_file():
+        return cached.read_text()
+    text, _ = index_text(tar)
+    try:
+        atomic_write_text(cached, text)
+    except OSError as e:  # no cache to write: the index lives in this process only
+        log.debug("cannot cache the index of %s at %s: %s", tar, cached, e)
+    return text
+
+
+def _indexed_count(idx: Path) -> int | None:
+    """The sample count in an index's header line, or None without a readable one."""
+    try:
+        with open(idx) as f:
+            head = f.readline().split()
+        return int(head[1]) if len(head) == 2 and head[0] == "v1.2" else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _count_problem(tar: Path, found: int, expected: int) -> str:
+    return (f"{tar}: holds {found} samples, the manifest says {expected}: the manifest does not describe this "
+            f"shard, so an epoch would read duplicates or leave samples out; restore the shard or {_REWRITE}")
+
+
+_verified: set[tuple[str, int, int]] = set()  # shards hashed by this process (one file, one version)
+
+
+def _stamp(path: Path) -> tuple[str, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:  # missing: nothing to hash, the reader skips its samples
+        return None
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def check_shards(manifest: Manifest, verify: bool = False, part: tuple[int, int] = (0, 1)) -> None:
+    """Raise ShardError naming the first shard that is not the one the manifest describes: always
+    its size and its index's sample count (a stat and one line each); with verify also the sha256 of
+    the shards of `part` = (rank, world), so the ranks share the reading."""
+    rank, world = part
+    for s, (path, info) in enumerate(zip(manifest.shard_paths(), manifest.shards, strict=True)):
+        stamp = _stamp(path) if verify and s % world == rank else None
+        hash_it = stamp is not None and stamp not in _verified
+        problem = shard_problem(path, info, sha256=hash_it)
+        if problem is None:
+            n = _indexed_count(path.with_suffix(".idx"))
+            if n is not None and n != info.num_samples:
+                problem = _count_problem(path, n, info.num_samples)
+        if problem is not None:
+            raise ShardError(problem)
+        if hash_it:
+            _verified.add(stamp)
+
+
 class SampleReader:
     """Reads samples by global index. File handles are opened lazily per process (DataLoader
-    workers fork after construction; a shared handle would interleave their seeks)."""
+    workers fork after construction; a shared handle would interleave their seeks).
 
-    def __init__(self, manifest: Manifest) -> None:
+    Construction checks every shard's size and index count against the manifest (check_shards)."""
+
+    def __init__(self, manifest: Manifest, verify: bool = False, part: tuple[int, int] = (0, 1)) -> None:
         self.manifest = manifest
         self.paths = manifest.shard_paths()
         self.counts = [s.num_samples for s in manifest.shards]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        self._entries: dict[int, list[_Entry] | str] = {}
+        self.num_classes = manifest.num_classes
+        self._entries: dict[int, list[_Entry] | tuple[str, str]] = {}
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
+        check_shards(manifest, verify, part)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def _shard_entries(self, s: int) -> list[_Entry] | str:
+    def _open_shard(self, s: int) -> list[_Entry] | tuple[str, str]:
+        """The shard's entries, or (reason, detail) for all its samples."""
+        tar, info = self.paths[s], self.manifest.shards[s]
+        try:
+            st = tar.stat()
+            entries = parse_index(load_index(tar, st), tar.with_suffix(".idx"))
+        except FileNotFoundError as e:
+            return MISSING_SHARD, f"{tar}: {e.strerror}"
+        except (OSError, tarfile.TarError, ValueError) as e:
+            return BAD_SHARD, (f"{tar}: unreadable ({type(e).__name__}: {e}); restore it (or delete a broken "
+                               f".idx beside it) or {_REWRITE}")
+        # A shorter file indexed from what is left is a truncated copy: its readable samples are kept,
+        # the rest fail in read() as TRUNCATED. Any other count is the manifest's mistake.
+        truncated = st.st_size < info.bytes and len(entries) < info.num_samples
+        if len(entries) != info.num_samples and not truncated:
+            return SHARD_MISMATCH, _count_problem(tar, len(entries), info.num_samples)
+        return entries
+
+    def _shard_entries(self, s: int) -> list[_Entry] | tuple[str, str]:
         if s not in self._entries:
-            tar = self.paths[s]
-            idx = tar.with_suffix(".idx")
-            try:
-                if not idx.is_file():
-                    write_index(tar, Path(f"{idx}.{os.getpid()}.tmp"))  # a shard from elsewhere, unindexed
-                    os.replace(f"{idx}.{os.getpid()}.tmp", idx)
-                # A truncated tar keeps its readable samples; the rest fail in _read as TRUNCATED.
-                entries: list[_Entry] | str = parse_index(idx)
-                tar.stat()
-            except (OSError, ValueError) as e:
-                entries = f"{tar}: {e}"
-            self._entries[s] = entries
+            self._entries[s] = self._open_shard(s)
         return self._entries[s]
 
     def _read(self, s: int, offset: int, size: int) -> bytes:
@@ -106,25 +205,38 @@ class SampleReader:
             raise EOFError(f"{self.paths[s]}: wanted {size} bytes at {offset}, got {len(data)}")
         return data
 
+    def _label(self, s: int, e: _Entry) -> int | str:
+        """The sample's label (-1 without a .cls), or why it is bad. Metrics count every label >= 0
+        as a class, so one outside the manifest's classes would invent a class."""
+        if e.cls is None:
+            return -1
+        text = self._read(s, *e.cls)
+        try:
+            label = int(text.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            return f"{self.paths[s]}: label {text[:20]!r} is not an integer"
+        if self.num_classes and not (label == -1 or 0 <= label < self.num_classes):
+            return (f"{self.paths[s]}: label {label} outside 0..{self.num_classes - 1} "
+                    f"(the manifest declares {self.num_classes} classes)")
+        return label
+
     def read(self, index: int) -> RawSample:
         s = int(np.searchsorted(self.offsets, index, side="right") - 1)
         pos = index - int(self.offsets[s])
         entries = self._shard_entries(s)
-        if isinstance(entries, str):
-            return RawSample(index, f"{self.paths[s].name}#{pos}", None, "", -1, MISSING_SHARD, entries)
+        if isinstance(entries, tuple):
+            return RawSample(index, f"{self.paths[s].name}#{pos}", None, "", -1, *entries)
         if pos >= len(entries):
             return RawSample(index, f"{self.paths[s].name}#{pos}", None, "", -1, TRUNCATED,
                              f"{self.paths[s]} holds {len(entries)} samples, the manifest says {self.counts[s]}")
         e = entries[pos]
-        label = -1
         try:
-            if e.cls is not None:
-                label = int(self._read(s, *e.cls).decode().strip())
+            label = self._label(s, e)
+            if isinstance(label, str):
+                return RawSample(index, e.key, None, "", -1, BAD_LABEL, label)
             if e.image is None:
                 return RawSample(index, e.key, None, "", label, MISSING_IMAGE, f"{self.paths[s]}: {e.key} has no image")
             ext, off, size = e.image
             return RawSample(index, e.key, self._read(s, off, size), ext, label)
         except (OSError, EOFError) as err:
-            return RawSample(index, e.key, None, "", label, TRUNCATED, str(err))
-        except ValueError as err:
-            return RawSample(index, e.key, None, "", -1, CORRUPT_IMAGE, f"bad label: {err}")
+            return RawSample(index, e.key, None, "", -1, TRUNCATED, str(err))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -76,6 +77,32 @@ def _manifest_text(d: dict) -> str:
     head = json.dumps({k: v for k, v in d.items() if k != "shards"}, indent=1)
     rows = ",\n".join("  " + json.dumps(s) for s in d["shards"])
     return f'{head[:-2]},\n "shards": [\n{rows}\n ]\n}}\n'
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_problem(path: Path, info: ShardInfo, sha256: bool = False) -> str | None:
+    """Why the shard file is not the one the manifest describes, or None. Always a stat (the size);
+    with sha256 also a full read, so only on request: hashing a data set at every start costs an
+    epoch of I/O. A missing or shorter file is not a problem here: the reader skips what is gone
+    (a truncated copy keeps its readable samples); a longer one was replaced or appended to."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size > info.bytes:
+        return (f"{path}: {size} bytes, the manifest says {info.bytes}: not the shard the manifest describes "
+                "(replaced or appended to); restore it or rewrite the split with `python -m scp_dist.shards`")
+    if sha256 and size == info.bytes and file_sha256(path) != info.sha256:
+        return (f"{path}: sha256 differs from the manifest's: not the shard the manifest describes (swapped or "
+                "corrupted); restore it or rewrite the split with `python -m scp_dist.shards`")
+    return None
 
 
 def write_manifest(split_dir: Path, manifest: Manifest) -> Path:

@@ -33,6 +33,7 @@ from scp_dist.shards.manifest import (
     Manifest,
     ShardError,
     ShardInfo,
+    file_sha256,
     write_manifest,
 )
 
@@ -101,9 +102,10 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_index(tar_path: Path, idx_path: Path) -> int:
+def index_text(tar_path: Path) -> tuple[str, int]:
     """DALI's webdataset index (the format `wds2idx` writes): 'v1.2 N' then, per sample, the
-    (ext, data offset, size, member name) of each of its files. Returns the sample count."""
+    (ext, data offset, size, member name) of each of its files; and the sample count N. Raises
+    tarfile.ReadError on a file that is not a tar (empty, garbage)."""
     samples: dict[str, list[str]] = {}
     with tarfile.open(tar_path, "r:") as tar:
         for m in tar:
@@ -112,16 +114,14 @@ def write_index(tar_path: Path, idx_path: Path) -> int:
             key, _, ext = m.name.partition(".")
             samples.setdefault(key, []).append(f"{ext} {m.offset_data} {m.size} {m.name}")
     lines = [f"v1.2 {len(samples)}"] + [" ".join(parts) for parts in samples.values()]
-    atomic_write_text(idx_path, "\n".join(lines) + "\n")
-    return len(samples)
+    return "\n".join(lines) + "\n", len(samples)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def write_index(tar_path: Path, idx_path: Path) -> int:
+    """index_text into `idx_path`; returns the sample count."""
+    text, n = index_text(tar_path)
+    atomic_write_text(idx_path, text)
+    return n
 
 
 class _ShardSink:
@@ -163,7 +163,7 @@ class _ShardSink:
         os.replace(self.tmp, final)
         write_index(final, final.with_suffix(".idx"))
         counts = self.label_counts if self.num_classes else None
-        self.done.append(ShardInfo(final.name, self.count, final.stat().st_size, _sha256(final), counts))
+        self.done.append(ShardInfo(final.name, self.count, final.stat().st_size, file_sha256(final), counts))
         progress = {**self.order, "shards": [asdict(d) for d in self.done]}
         atomic_write_text(self.dir / PROGRESS_NAME, json.dumps(progress))
         self.tar, self.count, self.bytes = None, 0, 0
