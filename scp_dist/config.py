@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scp_dist.data.plan import ORDERS
+from scp_dist.shards.manifest import manifest_digest
 
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Backbone keys that change speed or memory, never the features: toggling them keeps a feature
@@ -368,11 +369,8 @@ def config_fingerprint(cfg: DictConfig) -> dict:
     """What a checkpoint must agree with to be resumed: every key that changes the result, flat
     (`loss.alpha`, ...), with the data identified by its training manifest's content rather than its
     path (the same shards through a symlink, a trailing slash or a new mount are the same data)."""
-    import hashlib
-
     flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
     fp = {k: v for k, v in flat.items() if not any(k == f or (f.endswith(".") and k.startswith(f))
                                                   for f in RESUME_FREE)}
-    manifest = Path(cfg.data.root) / cfg.data.train_split / "manifest.json"
-    fp["data.train_manifest"] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else None
+    fp["data.train_manifest"] = manifest_digest(Path(cfg.data.root) / cfg.data.train_split)
     return fp

@@ -31,6 +31,11 @@ class DistState:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def collective_device(self) -> torch.device:
+        """Where small tensors for a collective live: NCCL reduces only GPU tensors, gloo CPU ones."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
 
 def _env_int(*names: str) -> int | None:
     for n in names:

@@ -48,7 +48,7 @@ from scp_dist.evaluate import autocast_context
 from scp_dist.fileio import atomic_write, atomic_write_text
 from scp_dist.models.backbones import Backbone
 from scp_dist.runlog import progress
-from scp_dist.shards.manifest import ShardError, read_manifest
+from scp_dist.shards.manifest import ShardError, manifest_digest, read_manifest
 
 log = logging.getLogger("scp_dist")
 FORMAT = "scp_dist.features/v1"
@@ -79,10 +79,7 @@ def cache_fingerprint(cfg: DictConfig) -> dict:
     num_pairs is not in it: pairs are independent, so raising cache.num_pairs reuses the pairs
     already there. The data is identified by its manifests' content (which hold every shard's
     sha256), not its path, so a moved dataset keeps its cache."""
-    manifests = {}
-    for split in eval_splits(cfg):
-        m = Path(cfg.data.root) / split / "manifest.json"
-        manifests[split] = hashlib.sha256(m.read_bytes()).hexdigest()[:16] if m.is_file() else None
+    manifests = {split: manifest_digest(Path(cfg.data.root) / split) for split in eval_splits(cfg)}
     return {
         "format": FORMAT,
         "backbone": backbone_identity(cfg.backbone),
@@ -114,8 +111,7 @@ def _np_dtype(name: str) -> np.dtype:
 def _all_ranks(st: D.DistState, flag: bool) -> bool:
     """True iff every rank says True; also a synchronisation point, so no rank changes files that
     another is still checking."""
-    dev = st.device if st.backend == "nccl" else torch.device("cpu")
-    votes = D.sum_detached(torch.tensor(float(flag), dtype=torch.float64, device=dev))
+    votes = D.sum_detached(torch.tensor(float(flag), dtype=torch.float64, device=st.collective_device))
     return int(votes.item()) == st.world_size
 
 

@@ -66,6 +66,5 @@ class StopSignals:
         mine = float(self.signum or 0)
         if not st.distributed:
             return self.signum
-        dev = st.device if st.backend == "nccl" else torch.device("cpu")
-        got = int(D.max_detached(torch.tensor([mine], dtype=torch.float64, device=dev)).item())
+        got = int(D.max_detached(torch.tensor([mine], dtype=torch.float64, device=st.collective_device)).item())
         return got or None

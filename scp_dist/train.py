@@ -190,6 +190,7 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
     jsonl.write(kind="resume" if resume_state is not None else "start", step=step, epoch=epoch,
                 world_size=st.world_size)
     last_save = time.monotonic()
+    fingerprint = config_fingerprint(cfg)  # reads and hashes the manifest: once, not per checkpoint
 
     def check_finite() -> None:
         if bool(nonfinite):
@@ -206,7 +207,7 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
             "head": head.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
             "marginal": marginal.state_dict() if marginal is not None else None, "epoch": epoch, "step_in_epoch": done, "step": step, "head_losses": head_losses.tolist(),
             "loss_sum": loss_sum.tolist(), "loss_steps": loss_steps, "rng": _rng_states(),
-            "world_size": st.world_size, "reason": reason, "fingerprint": config_fingerprint(cfg),
+            "world_size": st.world_size, "reason": reason, "fingerprint": fingerprint,
         }, keep=cfg.train.keep_checkpoints)
         # Epoch-end and periodic checkpoints are routine (a line per epoch floods short runs' logs).
         (log.debug if reason in ("epoch end", "periodic") else log.info)("checkpoint %s (%s)", path, reason)
@@ -377,8 +378,7 @@ def train(cfg: DictConfig, st: D.DistState, stop: StopSignals | None = None) -> 
 
 def _world_max(st: D.DistState):
     def world_max(x: float) -> float:
-        dev = st.device if st.backend == "nccl" else torch.device("cpu")
-        return float(D.max_detached(torch.tensor([x], dtype=torch.float64, device=dev)).item())
+        return float(D.max_detached(torch.tensor([x], dtype=torch.float64, device=st.collective_device)).item())
 
     return world_max
 
@@ -388,7 +388,7 @@ def _global_skip_counts(stats, st: D.DistState) -> dict[str, int]:
         return {}
     names = sorted(stats.as_dict())
     local = torch.tensor([stats.as_dict()[k] for k in names], dtype=torch.float64)
-    total = D.sum_detached(local.to(st.device) if st.backend == "nccl" else local)
+    total = D.sum_detached(local.to(st.collective_device))
     return {k: int(v) for k, v in zip(names, total.tolist(), strict=True)}
 
 

@@ -79,6 +79,13 @@ def _manifest_text(d: dict) -> str:
     return f'{head[:-2]},\n "shards": [\n{rows}\n ]\n}}\n'
 
 
+def manifest_digest(split_dir: Path) -> str | None:
+    """A short hash of a split's manifest file (which lists every shard's sha256): the data's
+    identity whatever path it is reached by; None when the split has no manifest."""
+    m = Path(split_dir) / MANIFEST_NAME
+    return hashlib.sha256(m.read_bytes()).hexdigest()[:16] if m.is_file() else None
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
