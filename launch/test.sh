@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what is missing, lint, then run the whole test suite (what CI runs).
+# Install what is missing, lint, then run the whole test suite (what CI runs). Arguments go to pytest:
+# `bash launch/test.sh -m "not slow"` is the quick run; the kinds are markers too (pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh

@@ -10,6 +10,7 @@ a warning in favour of the one before, which is why more than one is kept.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from scp_dist.errors import UserError
 from scp_dist.fileio import atomic_write
 
 log = logging.getLogger("scp_dist")
@@ -24,7 +26,7 @@ CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -52,7 +54,14 @@ def remove_stale_temporaries(run: Path) -> int:
 def save_checkpoint(run: Path, state: dict[str, Any], keep: int) -> Path:
     """Write the checkpoint of global step state["step"], then delete all but the newest `keep`."""
     path = checkpoint_dir(run) / f"step-{int(state['step']):09d}.pt"
-    atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as e:  # a full disk, a quota, a read-only mount: the user fixes it, then resumes
+        before = list_checkpoints(run)  # what was there is untouched: atomic_write renames only a whole file
+        kept = (f"the newest checkpoint, {before[-1].name}, is intact: once the storage takes the write, the same "
+                "command continues from it" if before else "there is no earlier checkpoint")
+        raise CheckpointError(f"checkpoint {path} was not written: {e.strerror} "
+                              f"({errno.errorcode.get(e.errno, e.errno)}); {kept}") from e
     for old in list_checkpoints(run)[:-keep]:
         old.unlink(missing_ok=True)
     return path

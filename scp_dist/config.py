@@ -10,25 +10,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scp_dist.data.plan import ORDERS
+from scp_dist.errors import ConfigError as ConfigError  # raised by the data path too: defined below it
 from scp_dist.shards.manifest import manifest_digest
+from scp_dist.shards.sources import BUILTIN
 
-PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Inside the package so an installed wheel resolves configs by name; the top-level configs/ links here.
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Backbone keys that change speed or memory, never the features: toggling them keeps a feature
 # cache and lets a checkpoint resume.
 BACKBONE_SPEED_ONLY = ("compile", "channels_last", "max_batch", "shrink_on_oom")
 LOADERS = ("auto", "dali", "torch")
 HEAD_SELECT = ("loss", "agreement", "consensus")
 RESUME = ("false", "true", "auto")
-# Where each built-in data set (data.prepare) lives; preparation never writes anywhere else.
-BUILTIN_ROOTS = {"digits": "data/digits", "fashion_mnist": "data/fashion_mnist", "animals": "data/animals"}
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key."""
 
 
 @dataclass
@@ -49,7 +47,7 @@ class DataConfig:
     # Full sha256 of every shard against the manifest when a loader starts (each rank hashes its
     # share); off, only each shard's size and index count are checked, which costs a stat per shard.
     verify: bool = False
-    # A built-in data set written on first use, only ever into its own folder (BUILTIN_ROOTS): a
+    # A built-in data set written on first use, only ever into its own folder (sources.BUILTIN): a
     # data.root elsewhere is the user's data and must hold shards.
     prepare: str = "digits"
 
@@ -150,7 +148,9 @@ class TrainConfig:
 @dataclass
 class CacheConfig:
     num_pairs: int = 8  # M: augmented view pairs per image; epoch e trains on pair e % M
-    dir: str = ""  # "" = <run dir>/features
+    # "" = <output.dir>/features/<data.name>-<hash of what the features depend on>
+    # (feature_cache.cache_dir): shared by the runs whose features are the same, so in no run's folder
+    dir: str = ""
     dtype: str = "fp16"  # fp16 | fp32: how features are stored
     batch_size: int = 256  # images per extraction batch, per rank
 
@@ -195,7 +195,7 @@ def _key_of(e: OmegaConfBaseException) -> str:
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A file path, or a config of this repository by name (demo_digits) or by its repository path
+    """A file path, or a shipped config by name (demo_digits) or by its repository path
     (configs/demo_digits.yaml), from any working directory."""
     p = Path(path)
     if p.is_file():
@@ -207,19 +207,55 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file {path} not found (also looked in {PACKAGE_CONFIG_DIR})")
 
 
+def _yaml_problem(e: yaml.YAMLError, positions: bool = True) -> str:
+    """PyYAML's multi-line message as one line, with 1-based positions (it counts from 0)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark, context, start = (getattr(e, a, None) for a in ("problem_mark", "context", "context_mark"))
+    if not positions or mark is None:
+        return problem
+    if context and start is not None and (start.line, start.column) != (mark.line, mark.column):
+        problem += f" ({context} at line {start.line + 1}, column {start.column + 1})"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}, {_yaml_problem(e)}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+    if not isinstance(cfg, DictConfig):  # a list or a scalar: merging it fails without naming the file
+        raise ConfigError(f"config file {path} must hold sections (data:, train:, ...), not a "
+                          f"{type(OmegaConf.to_container(cfg)).__name__}")
+    return cfg
+
+
+def _load_overrides(overrides: list[str]) -> DictConfig:
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except yaml.YAMLError:
+        for o in overrides:  # PyYAML's position is inside the joined list: name the override instead
+            try:
+                OmegaConf.from_dotlist([o])
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override {o!r}: {_yaml_problem(e, positions=False)}") from e
+        raise
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Schema defaults <- YAML file <- `key=value` overrides; validated; read-only struct config."""
     schema = OmegaConf.structured(SCPConfig)
     layers: list[Any] = [schema]
     try:
         if path is not None:
-            layers.append(OmegaConf.load(resolve_config_path(path)))
+            layers.append(_load_yaml(resolve_config_path(path)))
         if overrides:
             bad = [o for o in overrides if "=" not in o or o.startswith(("+", "~"))]
             if bad:
                 raise ConfigError(f"overrides must be key=value, got {bad}")
             # `key=` means the empty string (omegaconf would read it as null, which str keys reject)
-            layers.append(OmegaConf.from_dotlist([o + "''" if o.endswith("=") else o for o in overrides]))
+            layers.append(_load_overrides([o + "''" if o.endswith("=") else o for o in overrides]))
         cfg = OmegaConf.merge(*layers)
         OmegaConf.resolve(cfg)
         _derive_names(cfg)
@@ -286,8 +322,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     _check(bool(cfg.data.root), "data.root", "must name the dataset directory")
-    _check(cfg.data.prepare in ("", *BUILTIN_ROOTS), "data.prepare",
-           f"unknown built-in data set {cfg.data.prepare!r} ({'|'.join(BUILTIN_ROOTS)} or empty)")
+    _check(cfg.data.prepare in ("", *BUILTIN), "data.prepare",
+           f"unknown built-in data set {cfg.data.prepare!r} ({'|'.join(BUILTIN)} or empty)")
     _check(cfg.output.kmeans_niter >= 1, "output.kmeans_niter", "must be >= 1")
     _check(cfg.output.kmeans_nredo >= 1, "output.kmeans_nredo", "must be >= 1")
     _check(cfg.output.kmeans_max_points >= 1, "output.kmeans_max_points", "must be >= 1")

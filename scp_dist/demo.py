@@ -22,9 +22,10 @@ from omegaconf import DictConfig
 
 from scp_dist import distributed as D
 from scp_dist.config import load_config, run_dir
+from scp_dist.errors import USER_ERRORS
 from scp_dist.fileio import atomic_write_text
 from scp_dist.runlog import setup_logging
-from scp_dist.train import USER_ERRORS, train
+from scp_dist.train import train
 
 
 def _fmt(vals: list[float]) -> str:

@@ -66,6 +66,8 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     # attempt gives every restarted group its own keys.
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    global _failures
+    _failures = dist.PrefixStore(f"scp_dist/attempt{attempt}/failures/", store)
     dist.init_process_group(
         backend=be,
         store=dist.PrefixStore(f"scp_dist/attempt{attempt}/", store),
@@ -89,6 +91,41 @@ def teardown(*objects_to_drop: object) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# Why a rank failed, where the others can read it: under torchrun the store lives in the agent and
+# outlives every worker. When a rank fails, torchrun SIGTERMs the others; without this they could
+# not tell that stop from a preemption, and would ask to be run again.
+_failures: dist.Store | None = None
+_FIRST_FAILURE = "first"
+_STORE_WAIT = datetime.timedelta(seconds=5)  # on the way out: never the group's dist.timeout_s
+
+
+def report_failure(message: str) -> None:
+    """Record this rank's failure unless another rank's came first: the first is the cause, the ones
+    after it are mostly other ranks losing it in a collective. Best effort (the store's host may be
+    gone too)."""
+    if _failures is None:
+        return
+    try:
+        _failures.set_timeout(_STORE_WAIT)
+        _failures.compare_set(_FIRST_FAILURE, "", message)
+    except Exception:  # noqa: BLE001 - nothing to tell the others with; the caller exits anyway
+        pass
+
+
+def peer_failure() -> str | None:
+    """The failure a rank reported with report_failure in this attempt, or None (also when the
+    store cannot be reached)."""
+    if _failures is None:
+        return None
+    try:
+        _failures.set_timeout(_STORE_WAIT)
+        if _failures.check([_FIRST_FAILURE]):
+            return _failures.get(_FIRST_FAILURE).decode(errors="replace")
+    except Exception:  # noqa: BLE001 - no store, no news
+        return None
+    return None
 
 
 def exit_now(code: int) -> None:

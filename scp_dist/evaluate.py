@@ -7,8 +7,8 @@ import csv
 import ctypes
 import io
 import json
+import logging
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +18,12 @@ from omegaconf import DictConfig
 from scipy.optimize import linear_sum_assignment
 
 from scp_dist import distributed as D
+from scp_dist.data.batch import DataError
 from scp_dist.fileio import atomic_write_text
 from scp_dist.kmeans import kmeans_fit, nearest_centroid
 from scp_dist.metrics import clustering_scores, nmi
+
+log = logging.getLogger("scp_dist")
 
 
 @dataclass
@@ -32,13 +35,6 @@ class Predictions:
 
     def scores(self, head: int) -> dict[str, float]:
         return clustering_scores(self.labels, self.clusters[head])
-
-
-def autocast_context(device: torch.device, precision: str):
-    if device.type != "cuda" or precision == "fp32":
-        return nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def _return_freed_memory() -> None:
@@ -59,11 +55,13 @@ except OSError:  # pragma: no cover - no C library to load (not Linux)
 
 @torch.no_grad()
 def predict(batches: Iterable[tuple[torch.Tensor, list[str], torch.Tensor]], head: torch.nn.Module,
-            st: D.DistState, keep_features: bool = False) -> tuple[Predictions | None, np.ndarray | None]:
+            st: D.DistState, keep_features: bool = False, split: str = ""
+            ) -> tuple[Predictions | None, np.ndarray | None]:
     """features -> head for this rank's (features, keys, labels) batches of a split (from either
     feature source). Returns rank 0's Predictions of every rank in canonical order (None on the
     others) and, when asked, THIS rank's features: features never travel to one rank whole (at
-    ImageNet scale that is gigabytes); the k-means baseline gathers only the sample it fits on."""
+    ImageNet scale that is gigabytes); the k-means baseline gathers only the sample it fits on.
+    Raises DataError on every rank when no rank could read a single sample of the split."""
     head_was_training = head.training
     head.eval()
     keys: list[str] = []
@@ -85,6 +83,10 @@ def predict(batches: Iterable[tuple[torch.Tensor, list[str], torch.Tensor]], hea
         np.concatenate(conf, axis=1) if conf else None,
     )
     local_feats = (np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)) if keep_features else None
+    # Counted on every rank, so all of them raise together rather than one waiting in the next collective.
+    if int(D.sum_detached(len(keys), st.collective_device).item()) == 0:
+        raise DataError(f"no sample of {split or 'the split'} could be read for evaluation: every one was "
+                        "skipped (the warnings above name each and why)")
     parts = D.gather_objects(local)
     if parts is None:
         return None, local_feats
@@ -109,7 +111,9 @@ def kmeans_baseline(cfg: DictConfig, st: D.DistState, local: dict[str, np.ndarra
     counts = D.broadcast_object(D.gather_objects(len(train)))
     offsets = np.concatenate([[0], np.cumsum(counts)])
     n = int(offsets[-1])
-    if n < k:
+    if n < k:  # train.check_data refuses K > the data set; here samples were skipped on top of that
+        if st.is_main:
+            log.warning("no k-means baseline: %d readable training samples for %d clusters", n, k)
         return None
     sample = None
     if st.is_main:

@@ -44,9 +44,10 @@ from omegaconf import DictConfig, OmegaConf
 from scp_dist import distributed as D
 from scp_dist.config import backbone_identity, eval_splits
 from scp_dist.data.loader import build_eval_loader, build_pair_loader
-from scp_dist.evaluate import autocast_context
+from scp_dist.errors import UserError
 from scp_dist.fileio import atomic_write, atomic_write_text
 from scp_dist.models.backbones import Backbone
+from scp_dist.precision import autocast_context
 from scp_dist.runlog import progress
 from scp_dist.shards.manifest import ShardError, manifest_digest, read_manifest
 
@@ -54,7 +55,7 @@ log = logging.getLogger("scp_dist")
 FORMAT = "scp_dist.features/v1"
 
 
-class CacheMismatchError(RuntimeError):
+class CacheMismatchError(UserError, RuntimeError):
     """An existing cache was built from a different backbone, augmentation, data, seed or dtype."""
 
 
@@ -104,8 +105,9 @@ def check_fingerprint(root: Path, fp: dict, is_main: bool) -> None:
         atomic_write_text(path, json.dumps(fp, indent=1, sort_keys=True))
 
 
-def _np_dtype(name: str) -> np.dtype:
-    return np.dtype(np.float16 if name == "fp16" else np.float32)
+def storage_dtype(cfg: DictConfig) -> np.dtype:
+    """The dtype features are stored in (cache.dtype)."""
+    return np.dtype(np.float16 if cfg.cache.dtype == "fp16" else np.float32)
 
 
 def _all_ranks(st: D.DistState, flag: bool) -> bool:
@@ -122,14 +124,31 @@ def _stem(kind: str, world: int, rank: int) -> str:
     return f"{kind}.w{world:03d}.r{rank:03d}"
 
 
-def _save_part(split_dir: Path, stem: str, feats: np.ndarray, index: np.ndarray, keys: list[str],
-               labels: np.ndarray) -> None:
+def write_part(split_dir: Path, kind: str, world: int, rank: int, feats: np.ndarray, index: np.ndarray,
+               keys: list[str], labels: np.ndarray) -> None:
+    """Rank `rank` of `world`'s part of a kind: its features (n, V, D) in the cache's dtype and each
+    row's global sample index, key and label. Nobody reads it before write_kind records the kind."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    stem = _stem(kind, world, rank)
     # Features first, metadata last: a part without its .meta.npz is unfinished, whatever else is there.
     for stale in split_dir.glob(f".{stem}.*.tmp"):  # left by a crash of this rank's previous attempt
         stale.unlink(missing_ok=True)
     atomic_write(split_dir / f"{stem}.npy", lambda f: np.save(f, feats))
     atomic_write(split_dir / f"{stem}.meta.npz",
-                  lambda f: np.savez(f, index=index, keys=np.asarray(keys, dtype=str), labels=labels))
+                 lambda f: np.savez(f, index=index, keys=np.asarray(keys, dtype=str), labels=labels))
+
+
+def write_kind(split_dir: Path, kind: str, rows: list[int], views: int, dim: int, dtype: np.dtype) -> None:
+    """Finish a kind once all its parts are in place (rank r of len(rows) wrote rows[r] rows): the
+    record load_kind reads. Parts an earlier attempt wrote under another world size are removed."""
+    stems = [_stem(kind, len(rows), r) for r in range(len(rows))]
+    parts = [{"stem": s, "num": n} for s, n in zip(stems, rows, strict=True)]
+    atomic_write_text(split_dir / f"{kind}.json", json.dumps({"kind": kind, "views": views, "dim": dim,
+                                                              "dtype": str(np.dtype(dtype)), "num": sum(rows),
+                                                              "parts": parts}, indent=1))
+    for f in split_dir.glob(f"{kind}.w*.r*.*"):
+        if f.name.removesuffix(".npy").removesuffix(".meta.npz") not in stems:
+            f.unlink(missing_ok=True)
 
 
 def _part_rows(split_dir: Path, stem: str, views: int, dim: int, dtype: np.dtype) -> int | None:
@@ -146,11 +165,10 @@ def _part_rows(split_dir: Path, stem: str, views: int, dim: int, dtype: np.dtype
     return n if feats.shape == (n, views, dim) and feats.dtype == dtype else None
 
 
-def _kind_complete(split_dir: Path, done: Path, views: int, dim: int, dtype: np.dtype) -> bool:
-    if not done.is_file():
-        return False
+def kind_complete(split_dir: Path, kind: str, views: int, dim: int, dtype: np.dtype) -> bool:
+    """Whether the kind is finished and every part it records is still whole and of its shape."""
     try:
-        parts = json.loads(done.read_text())["parts"]
+        parts = json.loads((split_dir / f"{kind}.json").read_text())["parts"]
     except (OSError, ValueError, KeyError):
         return False
     return all(_part_rows(split_dir, p["stem"], views, dim, dtype) == p["num"] for p in parts)
@@ -191,29 +209,20 @@ def _extract_rank(loader: Any, backbone: Backbone, st: D.DistState, precision: s
 def _extract_kind(root: Path, split: str, kind: str, views: int, make_loader: Callable[[], Any],
                   backbone: Backbone, st: D.DistState, precision: str, dtype: np.dtype) -> None:
     split_dir = root / split
-    done = split_dir / f"{kind}.json"
     dim = backbone.feature_dim
-    if _all_ranks(st, _kind_complete(split_dir, done, views, dim, dtype)):
+    if _all_ranks(st, kind_complete(split_dir, kind, views, dim, dtype)):
         return
-    split_dir.mkdir(parents=True, exist_ok=True)
-    mine = _stem(kind, st.world_size, st.rank)
-    if _part_rows(split_dir, mine, views, dim, dtype) is None:
+    if _part_rows(split_dir, _stem(kind, st.world_size, st.rank), views, dim, dtype) is None:
         feats, index, keys, labels = _extract_rank(make_loader(), backbone, st, precision, dtype, views,
                                                    f"features {split}/{kind}")
-        _save_part(split_dir, mine, feats, index, keys, labels)
+        write_part(split_dir, kind, st.world_size, st.rank, feats, index, keys, labels)
     D.barrier()  # every rank's part is written before anyone looks for them
-    stems = [_stem(kind, st.world_size, r) for r in range(st.world_size)]
-    rows = [_part_rows(split_dir, s, views, dim, dtype) for s in stems]
+    rows = [_part_rows(split_dir, _stem(kind, st.world_size, r), views, dim, dtype) for r in range(st.world_size)]
     if not _all_ranks(st, all(n is not None for n in rows)):
         raise RuntimeError(f"feature cache {split_dir}: some rank's {kind} part is not visible here; "
                            "cache.dir must be on a file system shared by all ranks")
     if st.is_main:
-        parts = [{"stem": s, "num": n} for s, n in zip(stems, rows, strict=True)]
-        atomic_write_text(done, json.dumps({"kind": kind, "views": views, "dim": dim, "dtype": str(dtype),
-                                            "num": sum(p["num"] for p in parts), "parts": parts}, indent=1))
-        for f in split_dir.glob(f"{kind}.w*.r*.*"):  # parts written under another world size
-            if f.name.removesuffix(".npy").removesuffix(".meta.npz") not in stems:
-                f.unlink(missing_ok=True)
+        write_kind(split_dir, kind, rows, views, dim, dtype)
     D.barrier()
 
 
@@ -224,7 +233,7 @@ def extract_features(cfg: DictConfig, st: D.DistState, backbone: Backbone, root:
     check_fingerprint(root, fp, st.is_main)
     D.barrier()
     check_fingerprint(root, fp, st.is_main)  # the other ranks check what rank 0 wrote
-    dtype = _np_dtype(cfg.cache.dtype)
+    dtype = storage_dtype(cfg)
     data_root = Path(cfg.data.root)
     common = dict(world_size=st.world_size, rank=st.rank, batch_size=cfg.cache.batch_size,
                   image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, device=st.device)

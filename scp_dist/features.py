@@ -20,9 +20,9 @@ from omegaconf import DictConfig
 from scp_dist import distributed as D
 from scp_dist.data import plan as P
 from scp_dist.data.loader import TrainLoader, build_eval_loader, build_train_loader
-from scp_dist.evaluate import autocast_context
 from scp_dist.feature_cache import SplitFeatures, cache_dir, extract_features, load_kind, pair_kind, pairs_dir
 from scp_dist.models.backbones import Backbone
+from scp_dist.precision import autocast_context
 from scp_dist.runlog import progress
 from scp_dist.shards.manifest import read_manifest
 

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import IO
 
 from scp_dist.checkpoint import CHECKPOINT_DIR, list_checkpoints
+from scp_dist.errors import UserError
 
 LOCK_NAME = ".lock"
 # What a run writes; output.overwrite=true deletes exactly these (features/ is shared by runs, kept).
 RUN_FILES = (CHECKPOINT_DIR, "metrics.jsonl", "eval.json", "assignments_*.csv", "config.yaml")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run directory is in use, or holds a run the user did not say to continue or replace."""
 
 

@@ -28,9 +28,12 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
-    def __init__(self, signum: int, where: str) -> None:
+    def __init__(self, signum: int, where: str, outside_loop: bool = False) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
         self.signum = signum
+        # Outside the loop no rank agreed to stop: under torchrun the signal may be its stop of the
+        # other workers after one of them died (train.main says so).
+        self.outside_loop = outside_loop
 
     @property
     def exit_code(self) -> int:
@@ -58,7 +61,7 @@ class StopSignals:
             os._exit(128 + signum)
         self.signum = signum
         if not self.in_loop:
-            raise Preempted(signum, "outside the training loop")
+            raise Preempted(signum, "outside the training loop", outside_loop=True)
 
     def agreed(self, st: D.DistState) -> int | None:
         """The signal any rank received, the same answer on every rank (collective: all call it

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
+import signal
 import sys
 import time
 import traceback
@@ -22,9 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scp_dist import distributed as D
 from scp_dist import rundir
-from scp_dist.checkpoint import CheckpointError, load_latest, remove_stale_temporaries, save_checkpoint
+from scp_dist.checkpoint import CheckpointError, load_latest, remove_stale_temporaries
 from scp_dist.config import (
-    BUILTIN_ROOTS,
     ConfigError,
     check_world_size,
     config_fingerprint,
@@ -34,18 +33,21 @@ from scp_dist.config import (
     save_config,
 )
 from scp_dist.data.batch import DataError
-from scp_dist.evaluate import autocast_context, kmeans_baseline, predict, report
-from scp_dist.feature_cache import CacheMismatchError
+from scp_dist.errors import USER_ERRORS
+from scp_dist.evaluate import kmeans_baseline, predict, report
 from scp_dist.features import FeatureSource, build_source
+from scp_dist.fileio import STORAGE_ERRNOS
 from scp_dist.loss import LossTerms, MarginalEstimate, build_marginal, scp_loss
 from scp_dist.models.backbones import build_backbone
 from scp_dist.models.head import SCPHead
-from scp_dist.rundir import RunDirError
+from scp_dist.precision import autocast_context, resolve_precision
 from scp_dist.runlog import JsonlLog, log, progress, setup_logging, stage
 from scp_dist.schedule import lr_at
 from scp_dist.shards.manifest import ShardError, read_manifest
+from scp_dist.shards.sources import builtin_to_prepare
 from scp_dist.signals import EXIT_REQUEUE as EXIT_REQUEUE  # the launchers' contract
 from scp_dist.signals import Preempted, StopSignals
+from scp_dist.train_state import TrainState
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,24 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision != "fp32" and device.type != "cuda":
-        log.warning("train.precision=%s needs a GPU; using fp32 on CPU", precision)
-        return "fp32"
-    return precision
-
-
 def prepare_data(cfg: DictConfig, st: D.DistState) -> None:
     """Write a built-in data set's shards on first use (rank 0 writes, the others wait), but only
     into that data set's own folder: any other data.root is the user's data, never overwritten."""
-    builtin = BUILTIN_ROOTS.get(cfg.data.prepare)
-    if builtin and Path(cfg.data.root).resolve() == Path(builtin).resolve():
+    builtin = builtin_to_prepare(cfg.data.prepare, cfg.data.root)
+    if builtin is not None:
         if st.is_main:
-            from scp_dist.shards import sources
-
-            sources.PREPARE[cfg.data.prepare](Path(cfg.data.root))
+            builtin.prepare(Path(cfg.data.root))
         D.barrier()
     check_data(cfg)
 
@@ -85,6 +76,9 @@ def check_data(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'train.global_batch': {cfg.train.global_batch} is more than the {n} "
                           f"samples of {root / cfg.data.train_split}; set train.global_batch <= {n} (each epoch "
                           "drops its last partial batch)")
+    if n < cfg.head.num_clusters:  # no clustering to learn, and the k-means baseline would be dropped
+        raise ConfigError(f"config key 'head.num_clusters': {cfg.head.num_clusters} clusters are more than the {n} "
+                          f"samples of {root / cfg.data.train_split}; set head.num_clusters <= {n}")
     if cfg.data.test_split:
         try:
             read_manifest(root / cfg.data.test_split)
@@ -126,21 +120,6 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch
     return out
 
 
-def _rng_states() -> dict:
-    # Training draws nothing from these (views are a function of seed, epoch and sample), but a
-    # resumed run should not depend on that staying true.
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_states(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s.get("cuda") is not None and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, out_dir: Path, precision: str,
         resume_state: dict | None = None, stop: StopSignals | None = None) -> torch.Tensor:
     """The training loop; returns the last epoch's mean loss per head. Checkpoints (rank 0) at epoch
@@ -149,53 +128,40 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
     stop = stop or StopSignals()
     model: torch.nn.Module = DDP(head, device_ids=[st.device.index] if st.device.type == "cuda" else None) \
         if st.distributed else head
-    opt = build_optimizer(cfg, head)
-    marginal = build_marginal(cfg.loss, cfg.head.num_heads, cfg.head.num_clusters, st.device)  # None: the batch's
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # a no-op unless fp16
+    state = TrainState(head, build_optimizer(cfg, head),
+                       torch.amp.GradScaler("cuda", enabled=precision == "fp16"),  # a no-op unless fp16
+                       build_marginal(cfg.loss, cfg.head.num_heads, cfg.head.num_clusters, st.device),
+                       cfg.head.num_heads, st.device, st.world_size)
     steps_per_epoch = len(source)
     total_steps = steps_per_epoch * cfg.train.epochs  # the schedule's length; max_steps only stops early
     stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     log.info("%d samples, %d steps/epoch, %d steps in all (%s mode)", source.num_samples, steps_per_epoch, stop_at,
              cfg.train.mode)
 
-    # Position: `done` steps of epoch `epoch` are behind us (global step `step`); the running sums
-    # of the epoch's per-head losses travel with it, so a mid-epoch resume reports the same epoch loss.
-    epoch, done, step = 0, 0, 0
-    head_losses = torch.zeros(cfg.head.num_heads)
-    # Per-step numbers stay on the device until a log line or a checkpoint needs them: reading one
-    # every step would make the CPU wait for the GPU each step, and a head-only step is short.
-    loss_sum, loss_steps = torch.zeros(cfg.head.num_heads, device=st.device), 0
+    # On the device like the loss sums, and for the same reason (TrainState): read only by a log line
+    # or a checkpoint.
     nonfinite = torch.zeros((), dtype=torch.bool, device=st.device)
     if resume_state is not None:
-        s = resume_state
-        head.load_state_dict(s["head"])
-        opt.load_state_dict(s["optimizer"])
-        scaler.load_state_dict(s["scaler"])
-        if marginal is not None:
-            marginal.load_state_dict(s["marginal"])
-        _set_rng_states(s["rng"])
-        epoch, done, step = s["epoch"], s["step_in_epoch"], s["step"]
-        head_losses, loss_steps = torch.tensor(s["head_losses"]), s["loss_steps"]
-        loss_sum = torch.tensor(s["loss_sum"], device=st.device)
-        if s["world_size"] != st.world_size and cfg.data.order == "windowed" and done:
+        state.load_state_dict(resume_state)
+        if state.resumed_world_size != st.world_size and cfg.data.order == "windowed" and state.step_in_epoch:
             log.warning("resuming mid-epoch on %d ranks a checkpoint of %d: with data.order=windowed the rest "
                         "of epoch %d reads other samples than the first run would", st.world_size,
-                        s["world_size"], epoch + 1)
-        log.info("resumed at epoch %d, step %d (%d of the epoch) from a checkpoint of %d rank(s)", epoch + 1, step,
-                 done, s["world_size"])
+                        state.resumed_world_size, state.epoch + 1)
+        log.info("resumed at epoch %d, step %d (%d of the epoch) from a checkpoint of %d rank(s)", state.epoch + 1,
+                 state.step, state.step_in_epoch, state.resumed_world_size)
 
     jsonl = JsonlLog(out_dir / "metrics.jsonl" if st.is_main else None)
     # A resume repeats the steps logged after its checkpoint: this marker says which records a
     # reader keeps (the last one per step).
-    jsonl.write(kind="resume" if resume_state is not None else "start", step=step, epoch=epoch,
+    jsonl.write(kind="resume" if resume_state is not None else "start", step=state.step, epoch=state.epoch,
                 world_size=st.world_size)
     last_save = time.monotonic()
     fingerprint = config_fingerprint(cfg)  # reads and hashes the manifest: once, not per checkpoint
 
     def check_finite() -> None:
         if bool(nonfinite):
-            raise FloatingPointError(f"non-finite loss at or before step {step} (checked every train.log_every "
-                                     f"steps and before each checkpoint); last step: {out.as_dict()}")
+            raise FloatingPointError(f"non-finite loss at or before step {state.step} (checked every "
+                                     f"train.log_every steps and before each checkpoint); last step: {out.as_dict()}")
 
     def save(reason: str) -> Path | None:
         nonlocal last_save
@@ -203,85 +169,82 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
         last_save = time.monotonic()
         if not st.is_main:
             return None
-        path = save_checkpoint(out_dir, {
-            "head": head.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-            "marginal": marginal.state_dict() if marginal is not None else None, "epoch": epoch, "step_in_epoch": done, "step": step, "head_losses": head_losses.tolist(),
-            "loss_sum": loss_sum.tolist(), "loss_steps": loss_steps, "rng": _rng_states(),
-            "world_size": st.world_size, "reason": reason, "fingerprint": fingerprint,
-        }, keep=cfg.train.keep_checkpoints)
+        path = state.save(out_dir, reason, fingerprint, keep=cfg.train.keep_checkpoints)
         # Epoch-end and periodic checkpoints are routine (a line per epoch floods short runs' logs).
         (log.debug if reason in ("epoch end", "periodic") else log.info)("checkpoint %s (%s)", path, reason)
         return path
 
     def periodic_due() -> bool:
         minutes = cfg.train.checkpoint_minutes
-        return bool((cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+        return bool((cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0)
                     or (minutes and time.monotonic() - last_save >= 60 * minutes))
 
     # One bar for the run, the epoch in its postfix: a bar per epoch floods logs when epochs are short.
-    bar = progress(None, st.is_main, desc="train", total=stop_at, initial=step)
+    bar = progress(None, st.is_main, desc="train", total=stop_at, initial=state.step)
     stop.in_loop = True
     try:
-        while epoch < cfg.train.epochs and step < stop_at:
-            source.set_epoch(epoch, done)
+        while state.epoch < cfg.train.epochs and state.step < stop_at:
+            source.set_epoch(state.epoch, state.step_in_epoch)
             model.train()
             t_last, seen_since = time.perf_counter(), torch.zeros((), device=st.device)
             for feats, n in source:
-                lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps,
+                lr = lr_at(state.step, total_steps, cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps,
                            cfg.optim.min_lr)
-                out = train_step(model, opt, scaler, feats, n, cfg, precision, lr, marginal)
-                step, done = step + 1, done + 1
+                out = train_step(model, state.optimizer, state.scaler, feats, n, cfg, precision, lr, state.marginal)
+                state.advance()
                 bar.update(1)
                 if n == 0 and float(out.batch_size) == 0:  # read only where it can be 0 (scp_loss)
-                    log.warning("step %d: every sample of the global batch was skipped; no update", step)
+                    log.warning("step %d: every sample of the global batch was skipped; no update", state.step)
                 else:
-                    loss_steps += 1
-                    loss_sum += out.total.detach().float()
+                    state.add_loss(out.total)
                     nonfinite |= ~torch.isfinite(out.total).all()
                 seen_since += out.batch_size
-                if step % cfg.train.log_every == 0 or step == stop_at:
+                if state.step % cfg.train.log_every == 0 or state.step == stop_at:
                     check_finite()
                     now = time.perf_counter()
                     ips = float(seen_since) / max(now - t_last, 1e-9)
                     t_last, seen_since = now, torch.zeros((), device=st.device)
                     terms = out.as_dict()
-                    jsonl.write(kind="step", step=step, epoch=epoch, lr=lr, img_per_s=round(ips, 1), **terms)
-                    bar.set_postfix(epoch=f"{epoch + 1}/{cfg.train.epochs}", loss=f"{terms['loss']:.3f}",
+                    jsonl.write(kind="step", step=state.step, epoch=state.epoch, lr=lr, img_per_s=round(ips, 1),
+                                **terms)
+                    bar.set_postfix(epoch=f"{state.epoch + 1}/{cfg.train.epochs}", loss=f"{terms['loss']:.3f}",
                                     H=f"{terms['entropy']:.3f}", ips=f"{ips:.0f}", refresh=False)
                 signum = stop.agreed(st)  # every rank asks after every step: they stop together
                 if signum is not None:
                     path = save(f"signal {signum}")
-                    jsonl.write(kind="stopped", step=step, epoch=epoch, signal=signum)
+                    jsonl.write(kind="stopped", step=state.step, epoch=state.epoch, signal=signum)
                     # No rank leaves before rank 0's checkpoint is on disk: torchrun stops the other
                     # workers of a node as soon as one exits. Cannot hang: every rank just agreed.
                     D.barrier()
-                    raise Preempted(signum, f"at step {step}" + (f"; checkpoint {path}" if path else ""))
-                if step >= stop_at and done < steps_per_epoch:
+                    raise Preempted(signum, f"at step {state.step}" + (f"; checkpoint {path}" if path else ""))
+                if state.step >= stop_at and state.step_in_epoch < steps_per_epoch:
                     break  # max_steps inside an epoch: every rank sees the same stop_at
-                if periodic_due() and done < steps_per_epoch:
+                if periodic_due() and state.step_in_epoch < steps_per_epoch:
                     save("periodic")
-            if done < steps_per_epoch:  # stopped early by train.max_steps
-                head_losses = loss_sum.cpu() / max(loss_steps, 1)
+            if state.step_in_epoch < steps_per_epoch:  # stopped early by train.max_steps
+                state.close_epoch_losses()
                 save("max_steps")
                 break
             check_finite()
-            head_losses = loss_sum.cpu() / max(loss_steps, 1)
+            head_losses = state.close_epoch_losses()
             skipped = _global_skip_counts(source.stats, st)
             if any(skipped.values()):
-                log.warning("epoch %d: skipped samples %s", epoch + 1, skipped)
-            jsonl.write(kind="epoch", epoch=epoch, step=step, loss=head_losses.tolist(), skipped=skipped)
-            epoch, done, loss_sum, loss_steps = epoch + 1, 0, torch.zeros_like(loss_sum), 0
+                log.warning("epoch %d: skipped samples %s", state.epoch + 1, skipped)
+            check_some_read(skipped, len(source) * cfg.train.global_batch, cfg.data.train_split, state.epoch + 1)
+            jsonl.write(kind="epoch", epoch=state.epoch, step=state.step, loss=head_losses.tolist(), skipped=skipped)
+            state.next_epoch()
             save("epoch end")
         # A signal during the last checkpoint write: evaluation is not started under a time limit.
         signum = stop.agreed(st)
         if signum is not None:
-            raise Preempted(signum, f"after training (step {step}, checkpoint written)")
+            raise Preempted(signum, f"after training (step {state.step}, checkpoint written)")
     finally:
         stop.in_loop = False
         bar.close()
         jsonl.close()
+    head_losses = state.head_losses
     log.info("final mean loss per head: %s", ", ".join(f"{v:.4f}" for v in head_losses.tolist()))
-    model = opt = None  # the DDP reducer must die before the process group (distributed.teardown)
+    model = state = None  # the DDP reducer must die before the process group (distributed.teardown)
     return head_losses
 
 
@@ -293,7 +256,7 @@ def evaluate(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPH
     with stage("predict", metrics, _world_max(st)):
         for split in eval_splits(cfg):  # rank 0 holds the predictions, every rank its own features
             preds[split], local_feats[split] = predict(source.eval_batches(split), head, st,
-                                                       keep_features=cfg.output.kmeans)
+                                                       keep_features=cfg.output.kmeans, split=split)
     with stage("kmeans", metrics, _world_max(st)):
         kmeans = kmeans_baseline(cfg, st, local_feats) if cfg.output.kmeans else None
     del local_feats
@@ -383,6 +346,17 @@ def _world_max(st: D.DistState):
     return world_max
 
 
+def check_some_read(skipped: dict[str, int], planned: int, split: str, epoch: int) -> None:
+    """An epoch whose every sample was skipped trained nothing, and the next ones read the same data:
+    stop now, not after the last epoch at an evaluation with nothing to cluster. `skipped` holds
+    every rank's counts, so all ranks decide alike."""
+    lost = sum(skipped.values())
+    if planned and lost >= planned:
+        reasons = ", ".join(f"{k} {v}" for k, v in skipped.items() if v)
+        raise DataError(f"no sample of {split} could be read in epoch {epoch}: all {lost} were skipped "
+                        f"({reasons}); the warnings above name each sample")
+
+
 def _global_skip_counts(stats, st: D.DistState) -> dict[str, int]:
     if stats is None:
         return {}
@@ -392,10 +366,49 @@ def _global_skip_counts(stats, st: D.DistState) -> dict[str, int]:
     return {k: int(v) for k, v in zip(names, total.tolist(), strict=True)}
 
 
-# Errors that name what the user must fix (a config key, a shard, a checkpoint, a cache, a busy run
-# directory): printed as one line, not a traceback.
-USER_ERRORS = (ConfigError, ShardError, DataError, CheckpointError, CacheMismatchError, RunDirError,
-               FileNotFoundError)
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _lost_a_peer(e: BaseException) -> bool:
+    """A collective that failed because another rank is gone (gloo says so only in its message)."""
+    return isinstance(e, torch.distributed.DistError) or any(
+        s in str(e) for s in ("Connection closed by peer", "Connection reset by peer"))
+
+
+def exit_code_for(e: Exception, st: D.DistState, stop: StopSignals) -> int:
+    """How train() ended, said in one line wherever the user has something to do (a traceback only
+    for what looks like a bug), and the exit code: 2 for the user's errors, EXIT_REQUEUE for a stop
+    that can be continued, 1 otherwise. A rank that fails on its own tells the others why
+    (distributed.report_failure): under torchrun they are stopped with a SIGTERM that would
+    otherwise read as a preemption."""
+    storage = isinstance(e, OSError) and e.errno in STORAGE_ERRNOS  # a full or read-only disk, named
+    if isinstance(e, USER_ERRORS) or storage:
+        print(f"error (rank {st.rank}): {e}", file=sys.stderr, flush=True)
+        if st.distributed:
+            D.report_failure(f"rank {st.rank} failed: {e}")
+        return 2
+    peer = D.peer_failure() if st.distributed else None
+    if peer is not None:  # this rank stopped (a SIGTERM, a collective that lost that rank) because of it
+        if st.is_main:  # one line for the job, not one per rank
+            print(f"error (rank {st.rank}): stopped because {peer}", file=sys.stderr, flush=True)
+        return 1
+    if isinstance(e, Preempted):
+        if st.is_main:
+            maybe_peer = (" (under torchrun a SIGTERM also means another rank died without a word: if nothing "
+                          "stopped this job, look for that rank's output)"
+                          if st.distributed and e.outside_loop and e.signum == signal.SIGTERM else "")
+            log.warning("%s; run the same command again (train.resume=auto) to continue%s", e, maybe_peer)
+        return e.exit_code
+    if st.distributed and (stop.signum is not None or _lost_a_peer(e)):
+        print(f"error (rank {st.rank}): {_first_line(e)}: a peer rank failed or the job was stopped; see the other "
+              "ranks' errors above", file=sys.stderr, flush=True)
+        return 1
+    traceback.print_exception(e)
+    if st.distributed:
+        D.report_failure(f"rank {st.rank} failed: {_first_line(e)}")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,16 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(st.is_main)
     try:
         train(cfg, st, stop)
-    except Preempted as e:
-        if st.is_main:
-            log.warning("%s; run the same command again (train.resume=auto) to continue", e)
-        code = e.exit_code
-    except USER_ERRORS as e:
-        print(f"error (rank {st.rank}): {e}", file=sys.stderr, flush=True)
-        code = 2
-    except Exception:
-        traceback.print_exc()
-        code = 1
+    except Exception as e:  # noqa: BLE001 - every way out but success gets its line and exit code
+        code = exit_code_for(e, st, stop)
     else:
         D.teardown()
         return 0

@@ -1,38 +1,16 @@
-"""Helpers shared by the test modules (which no longer import each other): the embedded digits as
-shards once per session, config overrides for short runs, the CLI runner, a data set of bad samples."""
+"""Fixtures and hooks only; the helpers the test modules import are in tests/helpers.py."""
 
 from __future__ import annotations
 
-import io
 import os
-import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from scp_dist.shards.sources import encode_png
-from scp_dist.shards.writer import Sample, write_shards
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def overrides(tmp: Path, data_root: Path, **kw) -> list[str]:
-    base = {
-        "data.root": str(data_root),
-        "output.dir": str(tmp / "runs"),
-        "train.epochs": 2,
-        "train.global_batch": 256,
-        "train.log_every": 1,
-        "data.num_workers": 0,
-        "data.loader": "torch",
-        "train.mode": "stream",  # the demo config's recipe is cached; these tests exercise streaming
-    }
-    base.update(kw)
-    return [f"{k}={v}" for k, v in base.items()]
+# Kinds of test (pyproject's markers) set in the test files; `unit` is given here to the rest, so a new
+# in-process test is selected by `-m unit` without anyone having to mark it.
+KINDS = ("multiprocess", "slurm", "bench")
 
 
 @pytest.fixture(scope="session")
@@ -44,56 +22,14 @@ def digits_root(tmp_path_factory) -> Path:
     return root
 
 
-def run_cli(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess:
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    else:
-        cmd = [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*cmd, "-m", "scp_dist.train", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def last_checkpoint(run: Path) -> dict:
-    from scp_dist.checkpoint import list_checkpoints
-
-    return torch.load(list_checkpoints(run)[-1], weights_only=False)
-
-
-def head_params(run: Path) -> dict[str, torch.Tensor]:
-    return last_checkpoint(run)["head"]
-
-
-def bad_dataset(root: Path) -> Path:
-    """Three shards: one with a corrupt PNG and a sample with no image, one truncated, one intact."""
-    good = encode_png(np.full((8, 8, 3), 100, np.uint8))
-    items = [Sample(f"k{i:03d}", good, "png", 0) for i in range(30)]
-    items[3] = Sample("k003", b"\x89PNG\r\n\x1a\n" + b"garbage" * 20, "png", 0)
-    write_shards(items, root, source="t", split="train", classes=["a"], max_count=10, progress=False)
-    # rewrite shard 0 so that sample k005 has a label but no image (same sample count)
-    tar0 = root / "shard-000000.tar"
-    with tarfile.open(tar0) as t:
-        members = [(m.name, t.extractfile(m).read()) for m in t]
-    with tarfile.open(tar0, "w") as t:
-        for name, data in members:
-            if name != "k005.png":
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                t.addfile(info, io.BytesIO(data))
-    from scp_dist.shards.writer import write_index
-
-    write_index(tar0, tar0.with_suffix(".idx"))
-    tar1 = root / "shard-000001.tar"
-    tar1.write_bytes(tar1.read_bytes()[:2048])  # truncated: most of shard 1 is gone
-    return root
-
-
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the `unit` marker added here
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked `gpu` skip, with the reason in the summary, where torch sees no CUDA device.
+    """Tests of no other kind are marked `unit`. Tests marked `gpu` skip, with the reason in the summary, where torch sees no CUDA device.
     SCP_GPU_TESTS_ON_CPU=1 runs them on the CPU anyway (tiny sizes; the dry run of
     launch/gpu_check.sh does, so they are exercised before a GPU is there)."""
+    for item in items:
+        if not any(item.get_closest_marker(kind) for kind in KINDS):
+            item.add_marker(pytest.mark.unit)
     if torch.cuda.is_available() or os.environ.get("SCP_GPU_TESTS_ON_CPU") == "1":
         return
     skip = pytest.mark.skip(reason="gpu test: no CUDA device (torch.cuda.is_available() is False)")

@@ -139,6 +139,7 @@ def test_corrupt_images_are_skipped_and_the_rest_kept():
     assert empty.keys == [] and len(empty.skipped) == 2
 
 
+@pytest.mark.slow
 def test_train_loader_dali_matches_torch_backend(tmp_path):
     prepare_digits(tmp_path)
     aug = OmegaConf.structured(AugmentConfig())

@@ -47,6 +47,7 @@ def test_pixels_flattens_unit_range_images():
         bb(torch.rand(2, 3, 16, 16))
 
 
+@pytest.mark.slow
 def test_open_clip_vit_b32_is_the_raw_visual_encoder():
     import open_clip
 
@@ -165,6 +166,20 @@ def test_timm_local_checkpoint_drops_classifier_and_checks_every_key(tmp_path):
         ValueError, match=r"backbone.checkpoint \(.*other.pth\) does not fit ResNet: \d+ missing"
     ):
         build_backbone(cfg(name="timm", model="resnet18", checkpoint=str(tmp_path / "other.pth")))
+
+
+def test_a_plain_state_dict_checkpoint_is_logged_by_its_file_not_an_empty_name(tmp_path, caplog):
+    import timm
+
+    path = tmp_path / "r10.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), path)  # no "state_dict" key
+    caplog.set_level("INFO")
+    timm.models.load_state_dict(str(path))
+    assert "Loaded  from checkpoint" in caplog.text  # the fault: timm names the file's (absent) key
+    caplog.clear()
+    build_backbone(cfg(name="timm", model="resnet10t", checkpoint=str(path)))
+    assert "Loaded  from" not in caplog.text
+    assert f"backbone.checkpoint: loaded {path} (timm layout)" in caplog.text
 
 
 def test_timm_vit_image_size_override_resizes_position_embeddings():

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import common as C
+from benchmarks import bench as C
+from benchmarks import harness as H
 from benchmarks.bench.__main__ import main
 from benchmarks.bench.scaling import ratios_to_linear, throughput
+
+pytestmark = pytest.mark.bench
 
 
 @pytest.fixture()
@@ -25,7 +28,7 @@ def _io(out: dict[str, Path]) -> list[str]:
 
 
 def check_result(out: dict[str, Path], name: str, numeric: list[str]) -> dict:
-    kind = C.host_kind()
+    kind = H.host_kind()
     path = out["results"] / f"{name}-{kind}.json"
     d = json.loads(path.read_text())
     assert d["schema"] == C.SCHEMA and d["name"] == name and d["host_kind"] == kind
@@ -42,8 +45,9 @@ def check_result(out: dict[str, Path], name: str, numeric: list[str]) -> dict:
     return d
 
 
+@pytest.mark.slow
 def test_data_benchmark(out):
-    backends = ["torch", "dali"] if C.dali_importable() else ["torch"]
+    backends = ["torch", "dali"] if H.dali_importable() else ["torch"]
     main(["data", "--n", "24", "--width", "64", "--height", "48", "--batch", "8", "--image-size", "32",
           "--workers", "0", "--backends", *backends, "--no-cuda", "--cache-dir", str(out["cache"]), *_io(out)])
     d = check_result(out, "data", ["img_per_s", "views_per_s", "timed_images"])
@@ -51,6 +55,7 @@ def test_data_benchmark(out):
     assert all(r["timed_images"] == 16 for r in d["rows"])  # 3 batches of 8, the first is warm-up
 
 
+@pytest.mark.slow
 def test_step_benchmark(out):
     main(["step", "--device", "cpu", "--backbone", "timm", "--model", "tf_efficientnet_lite0", "--image-size", "32",
           "--batch", "2", "--steps", "1", "--warmup", "1", *_io(out)])
@@ -69,6 +74,8 @@ def test_head_benchmark(out):
     assert all(math.isfinite(r["final_loss"]) for r in d["rows"])
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_scaling_benchmark_one_torchrun(out):
     main(["scaling", "--nprocs", "1", "--threads-per-rank", "1", "--device", "cpu", "--backbone", "pixels",
           "--image-size", "8", "--n", "64", "--width", "32", "--height", "24", "--batch", "16", "--steps", "3",
@@ -91,7 +98,7 @@ def test_throughput_and_ratio_to_linear():
 
 
 def _fake(name: str, kind: str, value: float) -> C.BenchResult:
-    return C.BenchResult(name, {"n": 1}, [C.Column("x", "x value", ".1f")], [{"x": value}], notes=[f"from {kind}"],
+    return C.BenchResult(name, {"n": 1}, [H.Column("x", "x value", ".1f")], [{"x": value}], notes=[f"from {kind}"],
                          machine={"cpu": "test cpu", "cores": 1, "torch": "0"}, host_kind=kind)
 
 

@@ -19,8 +19,8 @@ from scp_dist.feature_cache import CacheMismatchError, extract_features, load_ki
 from scp_dist.models.backbones import build_backbone
 from scp_dist.shards.manifest import read_manifest
 from scp_dist.train import train
-from tests.conftest import bad_dataset, head_params, overrides, run_cli
 from tests.dist_helpers import run_gloo
+from tests.helpers import bad_dataset, head_params, overrides, run_cli
 
 
 def cached_cfg(tmp: Path, data_root: Path, **kw):
@@ -36,6 +36,7 @@ def _extract(cfg) -> Path:
     return Path(cfg.cache.dir)
 
 
+@pytest.mark.slow
 def test_pair_m_holds_the_views_streaming_draws_in_epoch_m(tmp_path, digits_root):
     cfg = cached_cfg(tmp_path, digits_root)
     root = _extract(cfg)
@@ -78,6 +79,7 @@ def _extract_rank(rank: int, world: int, cfg_path: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_ranks_write_the_same_cache_as_one(tmp_path, digits_root):
     from omegaconf import OmegaConf
 
@@ -98,6 +100,7 @@ def test_two_ranks_write_the_same_cache_as_one(tmp_path, digits_root):
     torch.testing.assert_close(torch.from_numpy(pair.take(rows)), pair.feats[:, rows].transpose(0, 1))
 
 
+@pytest.mark.slow
 def test_rerun_skips_done_work_redoes_missing_and_refuses_other_configs(tmp_path, digits_root):
     cfg = cached_cfg(tmp_path, digits_root)
     root = _extract(cfg)
@@ -144,6 +147,7 @@ def test_rerun_skips_done_work_redoes_missing_and_refuses_other_configs(tmp_path
         _extract(cached_cfg(tmp_path, digits_root, **{"augment.crop_p": 0.9}))
 
 
+@pytest.mark.slow
 def test_cached_job_trains_resumes_and_evaluates(tmp_path, digits_root):
     st = DistState()
     straight = cached_cfg(tmp_path, digits_root, **{"output.run_name": "straight", "train.epochs": 3})
@@ -164,6 +168,7 @@ def test_cached_job_trains_resumes_and_evaluates(tmp_path, digits_root):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_cached_mode_under_torchrun(tmp_path, digits_root):
     args = overrides(tmp_path, digits_root, **{"train.mode": "cached", "cache.num_pairs": 1,
                                                "output.run_name": "tr"})
@@ -195,6 +200,7 @@ def test_bad_samples_are_absent_from_the_cache_and_counted(tmp_path):
     assert used == len(pair) and source.stats.as_dict() == {"absent_from_cache": 30 - len(pair)}
 
 
+@pytest.mark.slow
 def test_stream_checkpoint_is_not_resumed_in_cached_mode(tmp_path, digits_root):
     from scp_dist.checkpoint import CheckpointError
 
@@ -220,6 +226,7 @@ def test_head_agreement_picks_the_consensus_not_the_outlier():
     assert choose_head("loss", torch.tensor([0.1, 0.5, 0.4, 0.3]), agree) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("select", ["loss", "agreement", "consensus"])
 def test_several_heads_in_one_run_report_the_chosen_head_and_the_spread(tmp_path, digits_root, select):
     cfg = cached_cfg(tmp_path, digits_root, **{"head.num_heads": 3, "head.select": select, "train.epochs": 2})

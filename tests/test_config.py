@@ -64,6 +64,37 @@ def test_bad_override_syntax_and_missing_file():
         load_config("nope.yaml")
 
 
+@pytest.mark.parametrize("text,where", [
+    ("train:\n  epochs: 3\n  global_batch: [1, 2\nhead:\n  num_clusters: 4\n",
+     "line 4, column 5: did not find expected ',' or ']' (while parsing a flow sequence at line 3, column 17)"),
+    ("train:\n\tepochs: 3\n", "line 2, column 1: found character that cannot start any token"),
+    ("train:\n  epochs: 3\n global_batch: 8\n", "line 3, column 2:"),
+], ids=["unclosed-list", "tab", "indent"])
+def test_a_malformed_config_file_is_one_line_naming_the_file_and_line(tmp_path, text, where):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"config file {path}, {where}") and "\n" not in str(err.value)
+
+
+def test_a_config_file_that_is_not_sections_or_not_text_is_named(tmp_path):
+    (tmp_path / "list.yaml").write_text("- train\n- head\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml must hold sections \(data:, train:, \.\.\.\), not a list"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match=r"bin\.yaml is not UTF-8 text"):
+        load_config(tmp_path / "bin.yaml")
+    (tmp_path / "ok.yaml").write_text("train:\n  epochs: 3\n")  # the counter-check: a good file loads
+    assert load_config(tmp_path / "ok.yaml").train.epochs == 3
+
+
+def test_a_malformed_override_value_is_named():
+    with pytest.raises(ConfigError, match=r"^override 'head\.hidden=\[1,2': did not find expected ',' or '\]'$"):
+        load_config(None, ["train.epochs=3", "head.hidden=[1,2"])
+    assert list(load_config(None, ["train.epochs=3", "head.hidden=[1,2]"]).head.hidden) == [1, 2]
+
+
 def test_config_is_read_only():
     cfg = load_config()
     with pytest.raises(Exception):  # noqa: B017 - omegaconf raises its own ReadonlyConfigError

@@ -16,8 +16,8 @@ from scp_dist.data.augment_torch import ViewSpec, decode_rgb, draw_view
 from scp_dist.data.loader import DataError, build_eval_loader, build_train_loader
 from scp_dist.shards.sources import encode_png
 from scp_dist.shards.writer import Sample, write_shards
-from tests.conftest import bad_dataset
 from tests.dist_helpers import run_gloo
+from tests.helpers import bad_dataset
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -133,7 +133,9 @@ def _rank_keys(rank, world, root, out_dir, shards_note):
     torch.save(per_epoch, Path(out_dir) / f"keys{rank}.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,per_shard", [(2, 9), (3, 40), (3, 100)])  # 100/shard: fewer shards than ranks
+@pytest.mark.multiprocess
 def test_ranks_read_disjoint_keys_covering_the_epoch(tmp_path, world, per_shard):
     root = make_dataset(tmp_path / "ds", 87, per_shard)
     run_gloo(_rank_keys, world, str(root), str(tmp_path), per_shard)

@@ -351,6 +351,8 @@ print("ok")
 """
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_truncated_png_and_jpeg_are_skipped_before_dali_sees_them():
     pytest.importorskip("nvidia.dali")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

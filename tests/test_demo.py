@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # several processes or whole jobs: tens of seconds
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # several processes or whole jobs: tens of seconds
 
 REPO = Path(__file__).resolve().parent.parent
 

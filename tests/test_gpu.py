@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.conftest import overrides, run_cli
+from tests.helpers import overrides, run_cli
 
 pytestmark = pytest.mark.gpu
 
@@ -118,7 +118,7 @@ def test_bf16_train_step_is_finite_and_close_to_fp32():
     from scp_dist.train import build_optimizer, train_step
 
     # The paper's head on CIFAR-10-like features on the GPU; a small one on the CPU, where autocast
-    # is off anyway (evaluate.autocast_context) and this only runs the plumbing.
+    # is off anyway (precision.autocast_context) and this only runs the plumbing.
     n, dim, hidden = (512, 512, [1024, 786, 512, 1024]) if GPU else (64, 32, [32, 16])
     cfg = load_config(None, ["head.num_clusters=10"])
     fa, fb = cached_features(n, dim, 10, DEV)
@@ -142,8 +142,8 @@ def test_clip_backbone_bf16_features_close_to_fp32():
     pytest.importorskip("open_clip")
     pytest.importorskip("omegaconf")
     from scp_dist.config import load_config
-    from scp_dist.evaluate import autocast_context
     from scp_dist.models.backbones import build_backbone
+    from scp_dist.precision import autocast_context
 
     model, size = ("ViT-B-32", 224) if GPU else ("ViT-S-32", 64)
     cfg = load_config(None, ["backbone.name=open_clip", f"backbone.model={model}", "backbone.pretrained=",
@@ -218,6 +218,7 @@ def _nccl_inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across GPUs needs 2+ GPUs (gloo: test_loss_distributed)")
+@pytest.mark.multiprocess
 def test_nccl_loss_and_gradients_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
 
@@ -244,6 +245,7 @@ def test_nccl_loss_and_gradients_equal_one_process(tmp_path):
 
 
 @gpu_only("the training job on CUDA (the CPU job: tests/test_train_e2e.py)")
+@pytest.mark.multiprocess
 def test_training_job_runs_on_the_gpu(tmp_path, digits_root):
     pytest.importorskip("omegaconf")
     # data.loader=auto: DALI's mixed decode where DALI is installed, the torch loader otherwise; the

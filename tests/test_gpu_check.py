@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import bench as C
 from benchmarks import gpu_check as G
-from benchmarks.bench import common as C
-from tests.conftest import REPO
+from benchmarks import harness as H
+from tests.helpers import REPO
 
 PARTS = ["data_dali", "step_vit_b32", "step_vit_l14", "head", "kmeans", "gpu_tests", "scaling_nccl"]
 STATUSES = {G.MET, G.NOT_MET, G.SKIPPED, G.FAILED, G.TIMED_OUT}
@@ -27,12 +28,13 @@ def gpu_check(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.Comple
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "SCP_GPU_CHECK_WORK": str(work), "OUT": str(out), **env}
     proc = subprocess.run(["bash", "launch/gpu_check.sh", "--dry-run", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=400)
-    summary = work / "results" / f"gpu_check-{C.host_kind()}.json"
+    summary = work / "results" / f"gpu_check-{H.host_kind()}.json"
     assert summary.is_file(), f"rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     return proc, json.loads(summary.read_text())
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_dry_run_end_to_end_lists_every_part_and_skips_a_missing_package(tmp_path):
     committed = {p: p.stat().st_mtime for p in (REPO / "benchmarks" / "results").glob("*.json")}
     t0 = time.perf_counter()
@@ -52,19 +54,20 @@ def test_dry_run_end_to_end_lists_every_part_and_skips_a_missing_package(tmp_pat
     # Results went to the scratch dir; the committed ones were not touched.
     assert {p: p.stat().st_mtime for p in committed} == committed
     results = tmp_path / "work" / "results"
-    assert (results / f"step-{C.host_kind()}-vit-b-32.json").is_file()
+    assert (results / f"step-{H.host_kind()}-vit-b-32.json").is_file()
     assert "### `head`" in (tmp_path / "work" / "BENCHMARKS.md").read_text()
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == {"gpu_check_results.tar.gz", "gpu_check.log", "gpu_check_summary.md",
                                                "gpu_check_summary.json"}
     with tarfile.open(out / "gpu_check_results.tar.gz") as tar:
         names = tar.getnames()
-    assert f"results/head-{C.host_kind()}.json" in names and "gpu_check.log" in names
+    assert f"results/head-{H.host_kind()}.json" in names and "gpu_check.log" in names
     assert "GPU check summary" in (out / "gpu_check.log").read_text()
     print(f"dry run: {wall:.0f} s")
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_failed_or_timed_out_part_fails_the_check(tmp_path):
     proc, summary = gpu_check(tmp_path, "--only", "head", "kmeans", "--budget", "kmeans=1",
                               SCP_GPU_CHECK_FAIL="head")

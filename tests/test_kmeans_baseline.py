@@ -60,6 +60,7 @@ def test_only_the_sample_is_fitted_and_it_clusters(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_ranks_give_the_same_baseline_as_one(tmp_path):
     run_gloo(_baseline_rank, 1, str(tmp_path / "w1.npy"))
     run_gloo(_baseline_rank, 2, str(tmp_path / "w2.npy"))

@@ -64,6 +64,7 @@ def _worker(rank: int, world: int, sizes: list[int], out_path: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sizes", [pytest.param([5, 11], id="w2-unequal"), pytest.param([7, 0, 9], id="w3-empty-rank")])
+@pytest.mark.multiprocess
 def test_ema_state_and_training_are_world_size_invariant(tmp_path, sizes):
     """W gloo ranks with unequal shares of each global batch: every rank holds the same EMA state
     (bit for bit), and state, logged entropy and trained head equal one process on the whole batch."""
@@ -85,6 +86,8 @@ def test_ema_state_and_training_are_world_size_invariant(tmp_path, sizes):
             torch.testing.assert_close(p, r.detach(), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.slow
+@pytest.mark.bench
 def test_ci_slice_runs_through_the_job_and_reports(tmp_path, monkeypatch):
     """The rehearsal's CI slice: synthetic features in the feature cache's format, read by the job
     (train.train, cached mode) without re-extraction, batch and EMA cells, JSON and markdown with

@@ -15,7 +15,7 @@ from scp_dist.loss import scp_loss
 from scp_dist.models.head import SCPHead
 from tests.dist_helpers import run_gloo
 
-pytestmark = pytest.mark.slow  # several processes or whole jobs: tens of seconds
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # several processes or whole jobs: tens of seconds
 
 D_IN, K = 12, 5
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.bench, pytest.mark.multiprocess]
 SHORT = ["train.epochs=2", "cache.num_pairs=1", "head.num_heads=3", "head.select=consensus",
          "backbone.image_size=32"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from scp_dist.distributed import DistState
 from scp_dist.rundir import RunDirError, lock
 from scp_dist.signals import EXIT_REQUEUE
 from scp_dist.train import train
-from tests.conftest import REPO, head_params, last_checkpoint, overrides
+from tests.helpers import REPO, head_params, last_checkpoint, overrides
 
 STEPS = 1797 // 64  # steps per epoch at a global batch of 64
 # lr 5e-4 and fp32 features: the comparisons across world sizes hold to float rounding (test_world_size.py).
@@ -80,6 +81,7 @@ def straight(tmp_path_factory, digits_root) -> Path:
     return tmp / "runs" / "ref"
 
 
+@pytest.mark.slow
 def test_a_mid_epoch_resume_continues_with_the_next_global_batch(tmp_path, digits_root, straight):
     st = DistState()
     stop = STEPS + 13  # inside epoch 2
@@ -95,6 +97,7 @@ def test_a_mid_epoch_resume_continues_with_the_next_global_batch(tmp_path, digit
         (straight / "eval.json").read_text())["splits"]
 
 
+@pytest.mark.slow
 def test_counter_a_resume_that_restarts_the_epoch_is_detected(tmp_path, digits_root, straight):
     """The comparison above can fail: resuming mid-epoch from the epoch's first batch (what an
     epoch-granular checkpoint does) trains on 13 batches twice and gives another head."""
@@ -113,6 +116,7 @@ def test_counter_a_resume_that_restarts_the_epoch_is_detected(tmp_path, digits_r
     assert rel > 1e-2  # far outside the tolerance of the cross-world-size comparisons below
 
 
+@pytest.mark.slow
 def test_last_k_are_kept_and_a_corrupt_newest_falls_back(tmp_path, digits_root, caplog):
     cfg = _cfg(tmp_path, digits_root, **{"output.run_name": "k", "train.checkpoint_every": 10,
                                          "train.keep_checkpoints": 2, "train.epochs": 1})
@@ -129,6 +133,7 @@ def test_last_k_are_kept_and_a_corrupt_newest_falls_back(tmp_path, digits_root, 
 @pytest.mark.parametrize("key,value", [("loss.alpha", 2.0), ("optim.lr", 1e-3), ("train.seed", 3),
                                        ("augment.crop_p", 0.9), ("loss.ce_reduction", "sum"),
                                        ("head.num_clusters", 12)])
+@pytest.mark.slow
 def test_a_resume_refuses_a_change_of_result_and_names_it(tmp_path, digits_root, key, value):
     name = {"output.run_name": "x"}
     train(_cfg(tmp_path, digits_root, **name, **{"train.max_steps": 3}), DistState())
@@ -138,6 +143,7 @@ def test_a_resume_refuses_a_change_of_result_and_names_it(tmp_path, digits_root,
     assert (tmp_path / "runs" / "x" / "config.yaml").read_bytes() == saved  # untouched by the refusal
 
 
+@pytest.mark.slow
 def test_the_same_data_by_another_path_and_speed_keys_resume(tmp_path, digits_root):
     name = {"output.run_name": "p"}
     train(_cfg(tmp_path, digits_root, **name, **{"train.max_steps": 3}), DistState())
@@ -148,6 +154,7 @@ def test_the_same_data_by_another_path_and_speed_keys_resume(tmp_path, digits_ro
     assert last_checkpoint(tmp_path / "runs" / "p")["step"] == 5
 
 
+@pytest.mark.slow
 def test_a_fresh_start_never_overwrites_a_run_unless_asked(tmp_path, digits_root):
     name = {"output.run_name": "f", "train.epochs": 1}
     train(_cfg(tmp_path, digits_root, **name), DistState())
@@ -160,6 +167,7 @@ def test_a_fresh_start_never_overwrites_a_run_unless_asked(tmp_path, digits_root
     assert _kinds(run) == ["start", "step", "step", "eval"]  # the old run is gone, not mixed in
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_directory_is_refused(tmp_path, digits_root):
     run = tmp_path / "runs" / "l"
     held = lock(run)  # another job holds the run
@@ -204,6 +212,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigusr1_mid_epoch_checkpoints_and_resumes_on_two_ranks(tmp_path, digits_root, straight):
     """SLURM's time-limit warning on one process: it stops after the current step with a checkpoint
     at that step and EXIT_REQUEUE; the rerun on 2 ranks continues the same run."""
@@ -224,6 +233,7 @@ def test_sigusr1_mid_epoch_checkpoints_and_resumes_on_two_ranks(tmp_path, digits
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_then_one_rank_resumes(tmp_path, digits_root, straight):
     args = overrides(tmp_path, digits_root, **{**SHORT, "output.run_name": "t"})
     run = tmp_path / "runs" / "t"
@@ -240,6 +250,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_then_one_rank_resumes(
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_kill_9_of_a_rank_under_torchrun_restarts_and_resumes_by_itself(tmp_path, digits_root):
     """A worker killed at a random moment: the other rank does not hang, torchrun restarts the group
     (--max-restarts 1) and the new group resumes from the last step checkpoint on its own; the head
@@ -262,10 +273,11 @@ def test_kill_9_of_a_rank_under_torchrun_restarts_and_resumes_by_itself(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_an_error_on_one_rank_ends_the_job_in_seconds(tmp_path):
     """No barrier on the error path: the failing rank prints one line and leaves, and the job ends
     long before dist.timeout_s (300 s here) would free a rank waiting in a collective."""
-    from tests.conftest import bad_dataset
+    from tests.helpers import bad_dataset
 
     data = tmp_path / "bad"
     bad_dataset(data / "train")
@@ -278,6 +290,7 @@ def test_an_error_on_one_rank_ends_the_job_in_seconds(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_an_extraction_killed_half_way_keeps_finished_kinds(tmp_path, digits_root):
     extra = {**SHORT, "train.mode": "cached", "cache.num_pairs": 3, "cache.dtype": "fp32", "train.epochs": 1}
     ref = overrides(tmp_path, digits_root, **{**extra, "output.run_name": "ref", "cache.dir": str(tmp_path / "c0")})
@@ -302,39 +315,69 @@ def test_an_extraction_killed_half_way_keeps_finished_kinds(tmp_path, digits_roo
 
 
 _WRITER = """
-import sys, torch
+import sys, time, torch
 from pathlib import Path
 from scp_dist.checkpoint import save_checkpoint
-run = Path(sys.argv[1])
+run, step = Path(sys.argv[1]), int(sys.argv[2])
 big = torch.arange(3_000_000, dtype=torch.float32)
-step = 0
 while True:
-    step += 1
+    print(f"start {step}", flush=True)
+    t0 = time.perf_counter()
     save_checkpoint(run, {"step": step, "big": big + step, "fingerprint": {}}, keep=2)
+    print(f"done {step} {time.perf_counter() - t0:.6f}", flush=True)
+    step += 1
 """
 
 
+KILLS = 10  # each restart imports torch again: seconds apiece on a loaded machine
+
+
+def _line(proc: subprocess.Popen, prefix: str, timeout: float = 300) -> str:
+    """The writer's next line that starts with `prefix`: readiness, however loaded the machine."""
+    end = time.monotonic() + timeout
+    while True:
+        left = end - time.monotonic()
+        assert left > 0, f"no {prefix!r} line from the writer in {timeout} s"
+        if select.select([proc.stdout], [], [], left)[0]:
+            line = proc.stdout.readline().decode()  # unbuffered: select sees every byte not yet read
+            assert line, f"the writer exited (rc {proc.wait()}) before a {prefix!r} line"
+            if line.startswith(prefix):
+                return line
+
+
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_repeated_kills_during_checkpoint_writes_never_leave_a_partial_file(tmp_path):
+    """Each writer first finishes a checkpoint (its readiness, and what the kill must not damage),
+    then is killed at a random point of a later write: the delay after that write's start line is
+    drawn within the measured length of a write, so the kill lands in it whatever the load."""
     from scp_dist.checkpoint import remove_stale_temporaries
 
     rng = np.random.default_rng(0)
     run = tmp_path / "run"
-    for _ in range(12):
-        p = subprocess.Popen([sys.executable, "-c", _WRITER, str(run)], cwd=REPO)
-        time.sleep(float(rng.uniform(0.8, 2.0)))
-        p.kill()
-        p.wait()
-        found = load_latest(run, {})
-        if found is None:
-            continue
-        state, _ = found
+    step, mid_write = 1, 0
+    for _ in range(KILLS):
+        p = subprocess.Popen([sys.executable, "-c", _WRITER, str(run), str(step)], cwd=REPO, stdout=subprocess.PIPE,
+                             bufsize=0)
+        try:
+            seconds = float(_line(p, "done ").split()[2])
+            victim = step + int(rng.integers(1, 4))  # the 2nd to 4th write of this process
+            _line(p, f"start {victim}")
+            time.sleep(float(rng.uniform(0, seconds)))
+        finally:
+            p.kill()
+            p.wait()
+            p.stdout.close()
+        state, _ = load_latest(run, {})
+        assert state["step"] >= step  # the finished write survived the kill
         assert torch.equal(state["big"], torch.arange(3_000_000, dtype=torch.float32) + state["step"])
         for path in list_checkpoints(run):  # every file there is whole, not only the newest
             torch.load(path, weights_only=False)
-        remove_stale_temporaries(run)
+        mid_write += remove_stale_temporaries(run) > 0
         assert not list((run / "checkpoints").glob(".*.tmp"))
-    assert list_checkpoints(run), "no checkpoint was ever completed"
+        step = state["step"] + 1
+    # The counter-check that the kills hit writes: most left a temporary file behind.
+    assert mid_write >= KILLS // 2, f"only {mid_write} of {KILLS} kills interrupted a write"
 
 
 def test_save_checkpoint_is_atomic_and_prunes_to_keep(tmp_path):
@@ -345,6 +388,7 @@ def test_save_checkpoint_is_atomic_and_prunes_to_keep(tmp_path):
         load_latest(tmp_path, {"a": 2})
 
 
+@pytest.mark.slow
 def test_the_running_marginal_estimate_is_checkpointed_and_resumed(tmp_path, digits_root):
     """loss.marginal=ema carries state across steps: a mid-epoch resume restores it, so the resumed
     run is the uninterrupted one bit for bit; without it the estimate would restart from zero."""

@@ -58,6 +58,7 @@ def test_shards_manifest_and_contents(tmp_path):
         assert got[k]["png"] == s.image and int(got[k]["cls"]) == s.label
 
 
+@pytest.mark.multiprocess
 def test_index_matches_dalis_wds2idx(tmp_path):
     write(tmp_path)
     wds2idx = VENV_BIN / "wds2idx"

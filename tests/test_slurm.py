@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, head_params, overrides, run_cli
+from tests.helpers import REPO, head_params, overrides, run_cli
 from tests.slurm_cluster import FINAL, SlurmCluster, unavailable
 
 IMAGENET_SH = REPO / "slurm" / "imagenet.sh"
+# The jobs run the interpreter running the tests (launch.sh runs $SCP_VENV/bin/python), not REPO/.venv's.
+VENV = Path(sys.executable).parent.parent
 STEPS_PER_EPOCH = 1797 // 128
 
 
@@ -57,7 +59,8 @@ def _submit(cluster: SlurmCluster, work: Path, args: list[str], *sbatch: str, sc
     (work / "tmp").mkdir(exist_ok=True)
     base = {k: v for k, v in cluster.env.items() if k not in ("OMP_NUM_THREADS", "SCP_HOME")}
     return cluster.sbatch(*sbatch, str(script), *args, cwd=submit, inherit=False,
-                          env={**base, "SCP_CONFIG": "demo_digits", "TMPDIR": str(work / "tmp"), **(env or {})})
+                          env={**base, "SCP_CONFIG": "demo_digits", "SCP_VENV": str(VENV), "TMPDIR": str(work / "tmp"),
+                               **(env or {})})
 
 
 def _log(work: Path, job: int) -> str:
@@ -284,7 +287,7 @@ def test_cpu_only_allocation_runs_gloo_processes(cluster, work, fake_nvidia_smi)
         assert "--nnodes 2 --nproc_per_node 2" in line and "--signals_to_handle SIGINT\\,SIGHUP\\,SIGQUIT" in line and "train.device=cpu dist.backend=gloo" in line
         assert f"--rdzv_endpoint node1:{20000 + job % 10000} --rdzv_id {job}" in line
         assert f"slurm/worker.py --config demo_digits output.run_name=scp-imagenet-{job} train.resume=auto" in line
-        assert line.rstrip().endswith("train.epochs=1") and f"{REPO}/.venv/bin/python" in line
+        assert line.rstrip().endswith("train.epochs=1") and f"{VENV}/bin/python" in line
     # one process per node gets both CPUs
     _, log = _dry_run(cluster, work, "--nodes", "2", "--cpus-per-task", "2", env={"CUDA_VISIBLE_DEVICES": "0"})
     assert log.count("1 CPU (gloo) process(es), 2 CPU(s), OMP_NUM_THREADS=2") == 2, log
@@ -345,6 +348,7 @@ def failing_nvidia_smi(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.mark.multiprocess
 def test_train_sh_counts_visible_gpus(fake_nvidia_smi):
     assert _train_sh(fake_nvidia_smi)[0] == 8
     assert _train_sh(fake_nvidia_smi, CUDA_VISIBLE_DEVICES="1,3")[0] == 2  # what we were given, not the node
@@ -352,6 +356,7 @@ def test_train_sh_counts_visible_gpus(fake_nvidia_smi):
     assert _train_sh(fake_nvidia_smi, NPROC="3")[0] == 3
 
 
+@pytest.mark.multiprocess
 def test_train_sh_runs_on_cpu_without_a_working_nvidia_smi(failing_nvidia_smi):
     nproc, err = _train_sh(failing_nvidia_smi)  # used to exit here (set -e, pipefail)
     assert nproc == 1 and "0 GPU(s) visible" in err

@@ -17,11 +17,12 @@ from scp_dist.checkpoint import CheckpointError
 from scp_dist.config import ConfigError, load_config
 from scp_dist.distributed import DistState
 from scp_dist.train import train
-from tests.conftest import REPO, head_params, last_checkpoint, overrides, run_cli
+from tests.helpers import REPO, head_params, last_checkpoint, overrides, run_cli
 
 pytestmark = pytest.mark.slow  # several processes or whole jobs: tens of seconds
 
 
+@pytest.mark.multiprocess
 def test_single_process_run_writes_everything(tmp_path, digits_root):
     args = ["--config", "demo_digits", *overrides(tmp_path, digits_root, **{"output.run_name": "single"})]
     proc = run_cli(args)
@@ -42,6 +43,7 @@ def test_single_process_run_writes_everything(tmp_path, digits_root):
     assert resolved.train.epochs == 2 and resolved.data.root == str(digits_root)
 
 
+@pytest.mark.multiprocess
 def test_torchrun_two_processes_checkpoint_resume_evaluate(tmp_path, digits_root):
     # (a) two epochs straight; (b) stop after epoch 1 (max_steps), then resume for epoch 2.
     straight = overrides(tmp_path, digits_root, **{"output.run_name": "straight"})
@@ -94,6 +96,7 @@ def test_missing_shards_fail_clearly(tmp_path):
         train(cfg, DistState())
 
 
+@pytest.mark.multiprocess
 def test_cli_reports_user_errors_in_one_line(tmp_path, digits_root):
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "scp_dist.train", "--config", "demo_digits", *args], cwd=REPO,
@@ -119,6 +122,7 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, digits_root):
     assert "error (rank 0): backbone.model: timm has no model 'resnet_nope'" in model.stderr
 
 
+@pytest.mark.multiprocess
 def test_a_run_with_no_config_finishes_and_names_itself_from_the_data(tmp_path):
     """`python -m scp_dist.train` with nothing but a short schedule, from any directory: the schema's
     defaults write the built-in digits into ./data/digits, train, evaluate, and name the run."""

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import overrides
 from tests.dist_helpers import run_gloo
+from tests.helpers import overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 

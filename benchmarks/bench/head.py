@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench import common as C
+from benchmarks import bench as B
+from benchmarks import harness as H
 from scp_dist.config import load_config
 from scp_dist.models.head import SCPHead
 from scp_dist.schedule import lr_at
@@ -25,19 +26,11 @@ from scp_dist.train import build_optimizer, train_step
 PAPER_HIDDEN = [1024, 786, 512, 1024]
 PAPER_EPOCHS = 30
 
-COLUMNS = [
-    C.Column("heads", "heads"),
-    C.Column("device", "device"),
-    C.Column("precision", "precision"),
-    C.Column("epochs", "epochs"),
-    C.Column("epoch_s", "s/epoch", ".3f"),
-    C.Column("total_s", "total s", ".2f"),
-    C.Column("est_paper_s", "est. 30 epochs s", ".1f"),
-    C.Column("vs_h1", "time vs H=1", ".2f"),
-    C.Column("vs_h_runs", "vs H runs", ".2f"),
-    C.Column("peak_mem_mib", "peak MiB", ".0f"),
-    C.Column("final_loss", "final loss", ".3f"),
-]
+COLUMNS = [H.Column("heads", "heads"), H.Column("device", "device"), H.Column("precision", "precision"),
+           H.Column("epochs", "epochs"), H.Column("epoch_s", "s/epoch", ".3f"), H.Column("total_s", "total s", ".2f"),
+           H.Column("est_paper_s", "est. 30 epochs s", ".1f"), H.Column("vs_h1", "time vs H=1", ".2f"),
+           H.Column("vs_h_runs", "vs H runs", ".2f"), H.Column("peak_mem_mib", "peak MiB", ".0f"),
+           H.Column("final_loss", "final loss", ".3f")]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +76,7 @@ def train_head(fa: torch.Tensor, fb: torch.Tensor, hidden: list[int], k: int, he
     step = 0
     last = torch.zeros(heads, device=device)
     for _ in range(epochs):
-        C.sync(device)
+        B.sync(device)
         t0 = time.perf_counter()
         perm = torch.randperm(n, device=device, generator=g)
         for s in range(steps_per_epoch):
@@ -92,7 +85,7 @@ def train_head(fa: torch.Tensor, fb: torch.Tensor, hidden: list[int], k: int, he
                              lr_at(step, total, lr, "cosine"))
             last = out.total  # kept on the device: reading it every step would sync the GPU
             step += 1
-        C.sync(device)
+        B.sync(device)
         epoch_times.append(time.perf_counter() - t0)
     final = last.float().cpu()
     if not torch.isfinite(final).all():
@@ -100,57 +93,41 @@ def train_head(fa: torch.Tensor, fb: torch.Tensor, hidden: list[int], k: int, he
     return {"epoch_times": epoch_times, "final_loss": float(final.mean()), "steps": total}
 
 
-def run(args: argparse.Namespace) -> C.BenchResult:
-    devices: list[torch.device] = []
-    for d in args.devices:
-        if d == "auto":
-            devices.append(torch.device("cpu"))
-            if torch.cuda.is_available():
-                devices.append(torch.device("cuda", 0))
-        else:
-            devices.append(C.pick_device(d))
-    devices = list(dict.fromkeys(devices))
+def run(args: argparse.Namespace) -> B.BenchResult:
+    auto = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
+    devices = list(dict.fromkeys(x for d in args.devices for x in (auto if d == "auto" else [B.pick_device(d)])))
     heads = sorted({1, *args.heads})
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     params = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "epochs": args.epochs, "batch": args.batch,
               "hidden": list(args.hidden), "heads": heads}
     for device in devices:
-        precision = args.precision
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = B.precision_for(args.precision, device)
         fa, fb = cached_features(args.n, args.dim, args.clusters, device)
         # Untimed: CUDA context, cuBLAS handles, allocator pools, CPU thread pools.
         train_head(fa[: 4 * args.batch], fb[: 4 * args.batch], args.hidden, args.clusters, max(heads), 1,
                    args.batch, args.lr, precision)
         base = None
         for h in heads:
-            with C.PeakMemory(device) as mem:
+            with B.PeakMemory(device) as mem:
                 res = train_head(fa, fb, args.hidden, args.clusters, h, args.epochs, args.batch, args.lr, precision)
             total = sum(res["epoch_times"])
             if h == 1:
                 base = total
             epoch_s = total / args.epochs
-            row = {
-                "heads": h, "device": device.type, "precision": precision, "epochs": args.epochs,
-                "epoch_s": epoch_s, "first_epoch_s": res["epoch_times"][0], "total_s": total,
-                "est_paper_s": epoch_s * PAPER_EPOCHS, "vs_h1": total / base if base else None,
-                "vs_h_runs": total / (h * base) if base else None, "peak_mem_mib": mem.mib,
-                "peak_mem_kind": mem.kind, "final_loss": res["final_loss"], "steps": res["steps"],
-            }
-            rows.append(row)
+            rows.append({"heads": h, "device": device.type, "precision": precision, "epochs": args.epochs,
+                         "epoch_s": epoch_s, "first_epoch_s": res["epoch_times"][0], "total_s": total,
+                         "est_paper_s": epoch_s * PAPER_EPOCHS, "vs_h1": total / base if base else None,
+                         "vs_h_runs": total / (h * base) if base else None, "peak_mem_mib": mem.mib,
+                         "peak_mem_kind": mem.kind, "final_loss": res["final_loss"], "steps": res["steps"]})
             print(f"  {device.type} H={h}: {total:.2f} s for {args.epochs} epoch(s)", flush=True)
-            C.save_partial(args, C.BenchResult("head", params, COLUMNS, list(rows), list(notes)),
+            B.save_partial(args, B.BenchResult("head", params, COLUMNS, list(rows), list(notes)),
                            f"{device.type} H={h}")
         del fa, fb
-        if device.type == "cuda":
-            gpu_1 = next(r for r in rows if r["device"] == "cuda" and r["heads"] == 1)
-            notes.append(f"goal on one GPU: 30 epochs under 10 s: "
-                         f"{'met' if gpu_1['est_paper_s'] < 10 else 'NOT met'} ({gpu_1['est_paper_s']:.1f} s)")
     kinds = sorted({r["peak_mem_kind"] for r in rows})
     notes.append("peak memory per row: " + "; ".join(kinds) + " (GPU: absolute, cached features included; "
                  "CPU: above the RSS at the row's start, i.e. head, optimiser state and activations)")
     notes.append(f"{args.n} x {args.dim} cached features x 2 views (Gaussian mixture), K={args.clusters}, "
                  f"batch {args.batch}, {args.n // args.batch} steps/epoch; 'est. 30 epochs' = s/epoch x 30; "
                  "'vs H runs' = time(H) / (H x time(1)): below 1 means one H-head pass beats H runs")
-    return C.BenchResult("head", params, COLUMNS, rows, notes)
+    return B.BenchResult("head", params, COLUMNS, rows, notes)

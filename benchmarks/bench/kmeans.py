@@ -1,12 +1,10 @@
-"""`kmeans`: the k-means baseline as the product runs it (scp_dist.kmeans, faiss), on cached
-features of CIFAR-10's size (50,000 x 512, K = 10).
+"""`kmeans`: the k-means baseline as every evaluation fits it (scp_dist.kmeans, faiss), timed.
 
-Every evaluation fits k-means next to the head (scp_dist/evaluate.py) with output.kmeans_niter,
-kmeans_nredo and kmeans_max_points (defaults 100, 10, 1024 per centroid, repeated here). The
-features are a K-component Gaussian mixture, so the ACC against the generating labels says the fit
-is sane, not how good k-means is on real data. Per device: `gpu` is faiss's GPU index (needs a faiss
-build with CUDA that sees a GPU), `cpu` its CPU one; both are timed fit (training) and predict
-(nearest centroid of every row).
+On cached features of CIFAR-10's size (50,000 x 512, K = 10) with output.kmeans_niter, kmeans_nredo
+and kmeans_max_points (defaults 100, 10, 1024 per centroid, repeated here). The features are a
+K-component Gaussian mixture, so the ACC against the generating labels says the fit is sane, not how
+good k-means is on real data. Devices: `gpu` is faiss's GPU index (a faiss built with CUDA that sees
+a GPU), `cpu` its CPU one; each timed fit (training) and predict (nearest centroid of every row).
 """
 
 from __future__ import annotations
@@ -17,20 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench import common as C
+from benchmarks import bench as B
+from benchmarks import harness as H
 from scp_dist.kmeans import kmeans_fit, kmeans_predict
 from scp_dist.metrics import clustering_scores
 
-COLUMNS = [
-    C.Column("device", "device"),
-    C.Column("n", "rows"),
-    C.Column("dim", "D"),
-    C.Column("k", "K"),
-    C.Column("train_rows", "rows trained on"),
-    C.Column("fit_s", "fit s", ".2f"),
-    C.Column("predict_s", "predict s", ".3f"),
-    C.Column("acc", "ACC vs mixture", ".3f"),
-]
+COLUMNS = [H.Column("device", "device"), H.Column("n", "rows"), H.Column("dim", "D"), H.Column("k", "K"),
+           H.Column("train_rows", "rows trained on"), H.Column("fit_s", "fit s", ".2f"),
+           H.Column("predict_s", "predict s", ".3f"), H.Column("acc", "ACC vs mixture", ".3f")]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -53,13 +45,6 @@ def mixture(n: int, dim: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.nda
     labels = rng.integers(0, k, n)
     x = centers[labels] + rng.standard_normal((n, dim), dtype=np.float32)
     return x, labels
-
-
-def faiss_gpus() -> int:
-    """GPUs faiss can use: 0 for faiss-cpu (which lacks get_num_gpus in some builds)."""
-    import faiss
-
-    return int(getattr(faiss, "get_num_gpus", lambda: 0)())
 
 
 def resolve_devices(wanted: list[str], gpus: int) -> tuple[list[str], list[str]]:
@@ -89,10 +74,10 @@ def time_fit(x: np.ndarray, labels: np.ndarray, args: argparse.Namespace, gpu: b
             "train_rows": min(x.shape[0], per_centroid * args.k), "objective": float(km.obj[-1])}
 
 
-def run(args: argparse.Namespace) -> C.BenchResult:
+def run(args: argparse.Namespace) -> B.BenchResult:
     import faiss
 
-    gpus = faiss_gpus()
+    gpus = H.faiss_gpus()
     devices, notes = resolve_devices(args.devices, gpus)
     x, labels = mixture(args.n, args.dim, args.k)
     rows: list[dict[str, Any]] = []
@@ -102,8 +87,8 @@ def run(args: argparse.Namespace) -> C.BenchResult:
         res = time_fit(x, labels, args, gpu=d == "gpu")
         rows.append({"device": d, "n": args.n, "dim": args.dim, "k": args.k, **res})
         print(f"  {d}: fit {res['fit_s']:.2f} s, predict {res['predict_s']:.3f} s, ACC {res['acc']:.3f}", flush=True)
-        C.save_partial(args, C.BenchResult("kmeans", params, COLUMNS, list(rows), list(notes)), f"device {d}")
+        B.save_partial(args, B.BenchResult("kmeans", params, COLUMNS, list(rows), list(notes)), f"device {d}")
     notes.append(f"{args.n} x {args.dim} Gaussian-mixture rows, K={args.k}; scp_dist.kmeans.kmeans_fit with "
                  f"niter={args.niter}, nredo={args.nredo}, max_points_per_centroid={args.max_points} (the "
                  "evaluation's defaults); fit includes faiss's sampling and, on the GPU, the upload")
-    return C.BenchResult("kmeans", params, COLUMNS, rows, notes)
+    return B.BenchResult("kmeans", params, COLUMNS, rows, notes)

@@ -11,12 +11,7 @@ the machine as much as the code.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,18 +19,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench import common as C
-from benchmarks.bench.synth import DEFAULT_CACHE, synthetic_dataset
+from benchmarks import bench as B
+from benchmarks import harness as H
+from benchmarks.bench.data import DEFAULT_CACHE, synthetic_dataset
 
-COLUMNS = [
-    C.Column("ranks", "ranks"),
-    C.Column("device", "device"),
-    C.Column("threads_per_rank", "threads/rank"),
-    C.Column("img_per_s", "images/s", ".1f"),
-    C.Column("ratio_to_linear", "ratio to linear", ".3f"),
-    C.Column("records", "records used"),
-    C.Column("run_s", "run s", ".1f"),
-]
+COLUMNS = [H.Column("ranks", "ranks"), H.Column("device", "device"), H.Column("threads_per_rank", "threads/rank"),
+           H.Column("img_per_s", "images/s", ".1f"), H.Column("ratio_to_linear", "ratio to linear", ".3f"),
+           H.Column("records", "records used"), H.Column("run_s", "run s", ".1f")]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -78,16 +68,6 @@ def overrides(p: dict[str, Any], data_root: Path, out_dir: Path, run_name: str, 
     return [f"{k}={v}" for k, v in ov.items()]
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a crash
-    return out
-
-
 def throughput(records: list[dict[str, Any]], warmup_records: int) -> tuple[float, int]:
     """Aggregate img_per_s of the step records after the warm-up ones: every record covers the same
     number of images (log_every steps of the global batch), so images / total time is their
@@ -108,43 +88,29 @@ def ratios_to_linear(rows: list[dict[str, Any]]) -> None:
 def run_job(p: dict[str, Any], nprocs: int, data_root: Path, runs_dir: Path, device: str, threads: int,
             timeout: int) -> tuple[dict[str, Any], list[str]]:
     run_name = f"ranks{nprocs}"
-    out_dir = runs_dir / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}",
-           "-m", "scp_dist.train", *overrides(p, data_root, out_dir, run_name, device)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)  # never join an outer job's process group
-    metrics = out_dir / run_name / "metrics.jsonl"
+    metrics = runs_dir / "runs" / run_name / "metrics.jsonl"
     metrics.unlink(missing_ok=True)  # the log appends; a stale file would mix runs
+    cmd = H.torchrun(nprocs, overrides(p, data_root, runs_dir / "runs", run_name, device))
     t0 = time.perf_counter()
-    # Own session: on a timeout the whole group (torchrun and its ranks) is stopped, not just torchrun.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.communicate()
-        raise RuntimeError(f"training with {nprocs} ranks ran past --timeout {timeout} s: {' '.join(cmd)}") from None
+    rc, tail = H.run(cmd, H.child_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)), timeout)
     run_s = time.perf_counter() - t0
+    if rc is None:
+        raise RuntimeError(f"training with {nprocs} ranks ran past --timeout {timeout} s: {' '.join(cmd)}")
+    records = H.read_jsonl(metrics)
     notes = []
-    records = read_metrics(metrics) if metrics.is_file() else []
-    finished = any(r.get("kind") == "eval" for r in records)
-    if proc.returncode != 0:
-        if not finished:
-            raise RuntimeError(f"training with {nprocs} ranks failed (rc={proc.returncode}):\n"
-                               f"{' '.join(cmd)}\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    if rc != 0:
+        if not any(r.get("kind") == "eval" for r in records):
+            raise RuntimeError(f"training with {nprocs} ranks failed (rc={rc}):\n{' '.join(cmd)}\n" + "\n".join(tail))
         # All work done and logged, then a non-zero exit: the known gloo teardown crash
         # (scp_dist/distributed.py, teardown); the throughput it logged is still valid.
-        notes.append(f"{nprocs} ranks: exited rc={proc.returncode} after finishing (teardown); numbers kept")
+        notes.append(f"{nprocs} ranks: exited rc={rc} after finishing (teardown); numbers kept")
     ips, used = throughput(records, p["warmup_records"])
-    row = {"ranks": nprocs, "device": device, "threads_per_rank": threads, "img_per_s": ips, "records": used,
-           "run_s": run_s}
-    return row, notes
+    return {"ranks": nprocs, "device": device, "threads_per_rank": threads, "img_per_s": ips, "records": used,
+            "run_s": run_s}, notes
 
 
-def run(args: argparse.Namespace) -> C.BenchResult:
-    cores = C.usable_cores()
+def run(args: argparse.Namespace) -> B.BenchResult:
+    cores = H.usable_cores()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     p = {"backbone": args.backbone, "model": args.model if args.backbone != "pixels" else "",
          "image_size": args.image_size, "n": args.n, "size": f"{args.width}x{args.height}", "batch": args.batch,
@@ -154,13 +120,8 @@ def run(args: argparse.Namespace) -> C.BenchResult:
         raise ValueError(f"--n {args.n} is smaller than --batch {args.batch}")
     data_root = synthetic_dataset(args.cache_dir, args.n, args.width, args.height)
     rows, notes = [], []
-    tmp = None
-    if args.runs_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="scp_bench_scaling_")
-        runs_dir = Path(tmp.name)
-    else:
-        runs_dir = args.runs_dir
-    try:
+    with tempfile.TemporaryDirectory(prefix="scp_bench_scaling_") as tmp:
+        runs_dir = args.runs_dir or Path(tmp)
         for n in sorted(set(args.nprocs)):
             use_cuda = args.device == "cuda" or (args.device == "auto" and gpus >= max(args.nprocs))
             if use_cuda and n > gpus:
@@ -174,11 +135,8 @@ def run(args: argparse.Namespace) -> C.BenchResult:
             notes += run_notes
             print(f"  {n} rank(s): {row['img_per_s']:.1f} images/s", flush=True)
             ratios_to_linear(rows)
-            C.save_partial(args, C.BenchResult("scaling", p, COLUMNS, [dict(r) for r in rows], list(notes)),
+            B.save_partial(args, B.BenchResult("scaling", p, COLUMNS, [dict(r) for r in rows], list(notes)),
                            f"{n} rank(s)")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     ratios_to_linear(rows)
     if any(r["device"] == "cpu" and r["ranks"] > 1 for r in rows):
         notes.append(f"CPU runs share {cores} cores: N ranks split them (OMP_NUM_THREADS = cores // N) and "
@@ -187,4 +145,4 @@ def run(args: argparse.Namespace) -> C.BenchResult:
     notes.append(f"images/s = harmonic mean of the job's logged img_per_s (global batch {args.batch}) after "
                  f"the first {args.warmup_records} record(s); 'run s' is the whole job (start-up, training, evaluation)")
     p["cores"] = cores
-    return C.BenchResult("scaling", p, COLUMNS, rows, notes)
+    return B.BenchResult("scaling", p, COLUMNS, rows, notes)

@@ -14,26 +14,20 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench import common as C
+from benchmarks import bench as B
+from benchmarks import harness as H
 from scp_dist.config import load_config
-from scp_dist.evaluate import autocast_context
 from scp_dist.models.backbones import build_backbone
 from scp_dist.models.head import SCPHead
+from scp_dist.precision import autocast_context
 from scp_dist.train import build_optimizer
 from scp_dist.train import train_step as job_train_step
 
-COLUMNS = [
-    C.Column("backbone", "backbone"),
-    C.Column("image_size", "px"),
-    C.Column("batch", "images/step"),
-    C.Column("precision", "precision"),
-    C.Column("fwd_img_per_s", "forward images/s", ".1f"),
-    C.Column("step_img_per_s", "step images/s", ".1f"),
-    C.Column("ratio", "step/forward", ".3f"),
-    C.Column("head_ms", "head+loss+opt ms", ".1f"),
-    C.Column("peak_mem_mib", "peak MiB", ".0f"),
-    C.Column("peak_mem_kind", "memory measure"),
-]
+COLUMNS = [H.Column("backbone", "backbone"), H.Column("image_size", "px"), H.Column("batch", "images/step"),
+           H.Column("precision", "precision"), H.Column("fwd_img_per_s", "forward images/s", ".1f"),
+           H.Column("step_img_per_s", "step images/s", ".1f"), H.Column("ratio", "step/forward", ".3f"),
+           H.Column("head_ms", "head+loss+opt ms", ".1f"), H.Column("peak_mem_mib", "peak MiB", ".0f"),
+           H.Column("peak_mem_kind", "memory measure")]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -55,20 +49,10 @@ def resolve(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     gpu = device.type == "cuda"
     backbone = args.backbone or ("open_clip" if gpu else "timm")
     default_model = {"timm": "tf_efficientnet_lite0", "open_clip": "ViT-B-32", "pixels": ""}[backbone]
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if gpu else "fp32"
-    return {
-        "backbone": backbone,
-        "model": args.model if args.model is not None else default_model,
-        "image_size": args.image_size or (224 if gpu else 128),
-        "batch": args.batch or (256 if gpu else 32),
-        "steps": args.steps or (30 if gpu else 8),
-        "warmup": args.warmup,
-        "precision": precision,
-        "clusters": args.clusters,
-        "device": str(device),
-    }
+    return {"backbone": backbone, "model": default_model if args.model is None else args.model,
+            "image_size": args.image_size or (224 if gpu else 128), "batch": args.batch or (256 if gpu else 32),
+            "steps": args.steps or (30 if gpu else 8), "warmup": args.warmup,
+            "precision": B.precision_for(args.precision, device), "clusters": args.clusters, "device": str(device)}
 
 
 def _measure(p: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], list[str]]:
@@ -101,46 +85,36 @@ def _measure(p: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], l
     row: dict[str, Any] = {}
     notes = []
     if device.type == "cuda":
-        with C.PeakMemory(device) as fwd_mem:
+        with B.PeakMemory(device) as fwd_mem:
             forward_only()
-        with C.PeakMemory(device) as step_mem:
+        with B.PeakMemory(device) as step_mem:
             train_step()
         row.update(peak_mem_mib=step_mem.mib, peak_mem_kind=step_mem.kind, fwd_peak_mem_mib=fwd_mem.mib)
         notes.append(f"peak GPU memory (torch.cuda.max_memory_allocated, weights included): forward alone "
                      f"{fwd_mem.mib:.0f} MiB, training step {step_mem.mib:.0f} MiB")
     t_fwd, t_step = [], []
     for _ in range(p["steps"]):
-        t_fwd.append(C.timed(forward_only, device))
-        t_step.append(C.timed(train_step, device))
-    fwd, step = C.median(t_fwd), C.median(t_step)
-    row.update({
-        "backbone": f"{p['backbone']}:{p['model']}" if p["model"] else p["backbone"],
-        "image_size": s,
-        "batch": n,
-        "precision": precision,
-        "fwd_img_per_s": n / fwd,
-        "step_img_per_s": n / step,
-        "ratio": fwd / step,
-        "head_ms": 1000 * (step - fwd),
-        "fwd_s_median": fwd,
-        "step_s_median": step,
-    })
+        t_fwd.append(B.timed(forward_only, device))
+        t_step.append(B.timed(train_step, device))
+    fwd, step = B.median(t_fwd), B.median(t_step)
+    row.update(backbone=f"{p['backbone']}:{p['model']}" if p["model"] else p["backbone"], image_size=s, batch=n,
+               precision=precision, fwd_img_per_s=n / fwd, step_img_per_s=n / step, ratio=fwd / step,
+               head_ms=1000 * (step - fwd), fwd_s_median=fwd, step_s_median=step)
     return row, notes
 
 
-def run(args: argparse.Namespace) -> C.BenchResult:
-    device = C.pick_device(args.device)
+def run(args: argparse.Namespace) -> B.BenchResult:
+    device = B.pick_device(args.device)
     p = resolve(args, device)
     if device.type == "cuda":
         row, notes = _measure(p, device)
     else:
         # CPU has no per-allocation peak counter: the whole run (model build included) is the region.
-        with C.PeakMemory(device) as mem:
+        with B.PeakMemory(device) as mem:
             row, notes = _measure(p, device)
         row.update(peak_mem_mib=mem.mib, peak_mem_kind=mem.kind)
         notes.append(f"peak memory on CPU: {mem.kind} over model build + all iterations")
     notes.append(f"images = samples; each step runs the backbone on 2 x {row['batch']} views; random-init "
                  f"weights (speed only); median of {p['steps']} alternating iterations after {p['warmup']} "
                  "warm-up")
-    notes.append(f"goal step/forward >= 0.9: {'met' if row['ratio'] >= 0.9 else 'NOT met'} ({row['ratio']:.3f})")
-    return C.BenchResult("step", p, COLUMNS, [row], notes)
+    return B.BenchResult("step", p, COLUMNS, [row], notes)

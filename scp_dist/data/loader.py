@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from scp_dist.config import ConfigError
 from scp_dist.data import plan as P
 from scp_dist.data.augment_torch import ViewSpec, decode_rgb, plain_view, sample_rng, two_views
 from scp_dist.data.batch import Batch, DataError, LoaderStats
 from scp_dist.data.reader import CORRUPT_IMAGE, SHARD_MISMATCH, SampleReader
+from scp_dist.errors import ConfigError
 from scp_dist.shards.manifest import Manifest, ShardError, read_manifest
 
 log = logging.getLogger("scp_dist")

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from scp_dist.fileio import atomic_write_text
+from scp_dist.shards.format import IndexEntry, index_path, index_text, indexed_count, parse_index
 from scp_dist.shards.manifest import Manifest, ShardError, shard_problem
-from scp_dist.shards.writer import IMAGE_EXTS, index_text
 
 log = logging.getLogger("scp_dist")
 
@@ -53,34 +53,6 @@ class RawSample:
     detail: str = ""
 
 
-@dataclass
-class _Entry:
-    key: str
-    image: tuple[str, int, int] | None  # (ext, offset, size)
-    cls: tuple[int, int] | None  # (offset, size)
-
-
-def parse_index(text: str, where: str | os.PathLike) -> list[_Entry]:
-    """The entries of an index (index_text's format); ValueError names `where` if it is not one."""
-    lines = text.splitlines()
-    if not lines or not lines[0].startswith("v1.2"):
-        raise ValueError(f"{where}: not a DALI webdataset index (first line {lines[:1]})")
-    entries = []
-    for line in lines[1:]:
-        parts = line.split()
-        image = cls = None
-        key = ""
-        for i in range(0, len(parts), 4):
-            ext, off, size, name = parts[i], int(parts[i + 1]), int(parts[i + 2]), parts[i + 3]
-            key = name[: -len(ext) - 1]
-            if ext in IMAGE_EXTS or ext in ("jpeg", "JPEG", "JPG", "PNG"):
-                image = (ext, off, size)
-            elif ext == "cls":
-                cls = (off, size)
-        entries.append(_Entry(key, image, cls))
-    return entries
-
-
 def index_cache_path(tar: Path, st: os.stat_result) -> Path:
     # Keyed by path, size and mtime: a rewritten shard never meets its predecessor's index.
     ident = f"{tar.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape")
@@ -91,7 +63,7 @@ def index_cache_path(tar: Path, st: os.stat_result) -> Path:
 def load_index(tar: Path, st: os.stat_result) -> str:
     """The shard's index text: the .idx beside it, else the cached one, else built from the tar (and
     cached if the cache is writable). Raises OSError, or tarfile.TarError for a file that is no tar."""
-    beside = tar.with_suffix(".idx")
+    beside = index_path(tar)
     if beside.is_file():
         return beside.read_text()
     cached = index_cache_path(tar, st)
@@ -103,16 +75,6 @@ def load_index(tar: Path, st: os.stat_result) -> str:
     except OSError as e:  # no cache to write: the index lives in this process only
         log.debug("cannot cache the index of %s at %s: %s", tar, cached, e)
     return text
-
-
-def _indexed_count(idx: Path) -> int | None:
-    """The sample count in an index's header line, or None without a readable one."""
-    try:
-        with open(idx) as f:
-            head = f.readline().split()
-        return int(head[1]) if len(head) == 2 and head[0] == "v1.2" else None
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
 
 
 def _count_problem(tar: Path, found: int, expected: int) -> str:
@@ -141,7 +103,7 @@ def check_shards(manifest: Manifest, verify: bool = False, part: tuple[int, int]
         hash_it = stamp is not None and stamp not in _verified
         problem = shard_problem(path, info, sha256=hash_it)
         if problem is None:
-            n = _indexed_count(path.with_suffix(".idx"))
+            n = indexed_count(index_path(path))
             if n is not None and n != info.num_samples:
                 problem = _count_problem(path, n, info.num_samples)
         if problem is not None:
@@ -162,7 +124,7 @@ class SampleReader:
         self.counts = [s.num_samples for s in manifest.shards]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.num_classes = manifest.num_classes
-        self._entries: dict[int, list[_Entry] | tuple[str, str]] = {}
+        self._entries: dict[int, list[IndexEntry] | tuple[str, str]] = {}
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
         check_shards(manifest, verify, part)
@@ -170,12 +132,12 @@ class SampleReader:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def _open_shard(self, s: int) -> list[_Entry] | tuple[str, str]:
+    def _open_shard(self, s: int) -> list[IndexEntry] | tuple[str, str]:
         """The shard's entries, or (reason, detail) for all its samples."""
         tar, info = self.paths[s], self.manifest.shards[s]
         try:
             st = tar.stat()
-            entries = parse_index(load_index(tar, st), tar.with_suffix(".idx"))
+            entries = parse_index(load_index(tar, st), index_path(tar))
         except FileNotFoundError as e:
             return MISSING_SHARD, f"{tar}: {e.strerror}"
         except (OSError, tarfile.TarError, ValueError) as e:
@@ -188,7 +150,7 @@ class SampleReader:
             return SHARD_MISMATCH, _count_problem(tar, len(entries), info.num_samples)
         return entries
 
-    def _shard_entries(self, s: int) -> list[_Entry] | tuple[str, str]:
+    def _shard_entries(self, s: int) -> list[IndexEntry] | tuple[str, str]:
         if s not in self._entries:
             self._entries[s] = self._open_shard(s)
         return self._entries[s]
@@ -205,7 +167,7 @@ class SampleReader:
             raise EOFError(f"{self.paths[s]}: wanted {size} bytes at {offset}, got {len(data)}")
         return data
 
-    def _label(self, s: int, e: _Entry) -> int | str:
+    def _label(self, s: int, e: IndexEntry) -> int | str:
         """The sample's label (-1 without a .cls), or why it is bad. Metrics count every label >= 0
         as a class, so one outside the manifest's classes would invent a class."""
         if e.cls is None:

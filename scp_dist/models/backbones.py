@@ -308,7 +308,14 @@ def _build_timm(cfg: Any, key: str) -> Backbone:
     data_cfg = timm.data.resolve_data_config({}, model=model)
     mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
     if path is not None:
-        sd = timm.models.load_state_dict(str(path))
+        # timm logs "Loaded  from checkpoint" (an empty name) for a plain state dict: ours below says which file.
+        helpers_log = logging.getLogger("timm.models._helpers")
+        level = helpers_log.level
+        helpers_log.setLevel(logging.WARNING)
+        try:
+            sd = timm.models.load_state_dict(str(path))
+        finally:
+            helpers_log.setLevel(level)
         if fmt == "auto":
             fmt = "lukemelas_efficientnet" if "_conv_stem.weight" in sd else "timm"
         if fmt == "lukemelas_efficientnet":
@@ -323,6 +330,7 @@ def _build_timm(cfg: Any, key: str) -> Backbone:
             if filter_fn is not None:
                 sd = filter_fn(sd, model)
         load_state_dict_checked(model, sd, f"{key}.checkpoint ({path})")
+        log.info("%s.checkpoint: loaded %s (%s layout)", key, path, fmt)
     return TimmBackbone(
         model,
         name="timm",

@@ -16,24 +16,20 @@ import argparse
 import sys
 
 from scp_dist.shards import sources
+from scp_dist.shards.converters import CONVERTERS, Converter
 from scp_dist.shards.manifest import ShardError
 
 BUILTIN = {"digits": sources.digits, "fashion_mnist": sources.fashion_mnist}
-ON_DISK = ("cifar10", "cifar100", "cifar20", "stl10", "imagefolder", "imagenet10", "imagenet_dogs", "list")
 
 
-def converter(name: str):
-    if name in BUILTIN:
-        return BUILTIN[name]
-    from scp_dist.shards import converters
-
-    return getattr(converters, "image_list" if name == "list" else name)
+def converter(name: str) -> Converter:
+    return BUILTIN.get(name) or CONVERTERS[name]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scp_dist.shards", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", choices=sorted([*BUILTIN, *ON_DISK]))
+    p.add_argument("source", choices=sorted([*BUILTIN, *CONVERTERS]))
     p.add_argument("--src", default=None, help="the dataset as downloaded (directory or file)")
     p.add_argument("--out", required=True, help="dataset directory; one sub-directory per split is written")
     p.add_argument("--max-count", type=int, default=10_000, help="samples per shard (default 10000)")

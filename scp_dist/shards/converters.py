@@ -1,7 +1,8 @@
 """Converters for datasets on disk in their published formats: CIFAR-10/100/20 (python pickle batches),
 STL-10 (binary .bin), ImageFolder trees (ImageNet train/val, ImageNet-10, ImageNet-Dogs) and image lists.
 
-Every converter has the signature of `sources.fashion_mnist` and returns {split: Manifest}. Samples are
+Every converter has the signature of `sources.fashion_mnist` (`converter` gives it to a body that takes
+an `Output`) and returns {split: Manifest}; `CONVERTERS` names them for the CLI. Samples are
 produced lazily (`writer.LazySample`) and written in the seeded random order of `writer.shuffled(seed)`
 (`seed=None`: the source's order), the same on every run, so a re-run (resume) skips the finished
 shards without reading or encoding their images again.
@@ -10,14 +11,17 @@ shards without reading or encoding their images again.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import os
 import pickle
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -50,33 +54,59 @@ def _src_dir(src: str | os.PathLike | None, what: str) -> Path:
     return path
 
 
-def _write(
-    samples: Iterator[Sample],
-    out: str | os.PathLike,
-    split: str,
-    *,
-    source: str,
-    classes: list[str] | None,
-    total: int,
-    max_count: int,
-    max_bytes: int,
-    resume: bool,
-    progress: bool,
-    seed: int | None,
-) -> Manifest:
-    return write_shards(
-        samples,
-        Path(out) / split,
-        source=source,
-        split=split,
-        classes=classes,
-        max_count=max_count,
-        max_bytes=max_bytes,
-        total=total,
-        resume=resume,
-        progress=progress,
-        seed=seed,
-    )
+Converter = Callable[..., dict[str, Manifest]]
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where a converter writes its splits (`root/<split>`) and the shard options every converter takes."""
+
+    root: Path
+    max_count: int = 10_000
+    max_bytes: int = 0
+    resume: bool = True
+    progress: bool = True
+    seed: int | None = 0
+
+    def write(
+        self, samples: Iterator[Sample], split: str, *, source: str, classes: list[str] | None, total: int
+    ) -> Manifest:
+        return write_shards(
+            samples,
+            self.root / split,
+            source=source,
+            split=split,
+            classes=classes,
+            max_count=self.max_count,
+            max_bytes=self.max_bytes,
+            total=total,
+            resume=self.resume,
+            progress=self.progress,
+            seed=self.seed,
+        )
+
+
+def converter(
+    body: Callable[..., dict[str, Manifest]], name: str | None = None, doc: str | None = None
+) -> Converter:
+    """`body(src, output, **options)` behind the signature of `sources.fashion_mnist`, the one the CLI
+    calls, so that signature is written once for every on-disk format."""
+
+    def convert(
+        src: str | os.PathLike | None,
+        out: str | os.PathLike,
+        max_count: int = 10_000,
+        max_bytes: int = 0,
+        resume: bool = True,
+        progress: bool = True,
+        seed: int | None = 0,
+        **options: Any,
+    ) -> dict[str, Manifest]:
+        return body(src, Output(Path(out), max_count, max_bytes, resume, progress, seed), **options)
+
+    convert.__name__ = convert.__qualname__ = name or body.__name__
+    convert.__doc__ = doc or body.__doc__
+    return convert
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: Path, base: int = 0) -> None:
@@ -137,123 +167,53 @@ def _cifar_arrays(paths: Sequence[Path], label_key: str, num_classes: int) -> tu
     return np.concatenate(images), np.concatenate(labels)
 
 
-def _cifar(
-    src: str | os.PathLike | None,
-    out: str | os.PathLike,
-    *,
-    source: str,
-    what: str,
-    split_files: dict[str, Sequence[str]],
-    meta_file: str,
-    names_key: str,
-    label_key: str,
-    max_count: int,
-    max_bytes: int,
-    resume: bool,
-    progress: bool,
-    seed: int | None,
-) -> dict[str, Manifest]:
-    root = _src_dir(src, what)
-    classes = _names(_unpickle(root / meta_file), names_key, root / meta_file)
+@dataclass(frozen=True)
+class CifarLayout:
+    """What one CIFAR converter reads from a python-version archive; the variants differ only in these."""
+
+    source: str
+    what: str
+    split_files: dict[str, tuple[str, ...]]
+    meta_file: str
+    names_key: str
+    label_key: str
+    doc: str
+
+
+def _cifar(src: str | os.PathLike | None, output: Output, layout: CifarLayout) -> dict[str, Manifest]:
+    root = _src_dir(src, layout.what)
+    meta = root / layout.meta_file
+    classes = _names(_unpickle(meta), layout.names_key, meta)
     result = {}
-    for split, files in split_files.items():
-        images, labels = _cifar_arrays([root / f for f in files], label_key, len(classes))
-        result[split] = _write(
-            png_samples(len(images), images.__getitem__, labels, f"{source}_{split}"),
-            out,
-            split,
-            source=source,
-            classes=classes,
-            total=len(images),
-            max_count=max_count,
-            max_bytes=max_bytes,
-            resume=resume,
-            progress=progress,
-            seed=seed,
-        )
+    for split, files in layout.split_files.items():
+        images, labels = _cifar_arrays([root / f for f in files], layout.label_key, len(classes))
+        samples = png_samples(len(images), images.__getitem__, labels, f"{layout.source}_{split}")
+        result[split] = output.write(samples, split, source=layout.source, classes=classes, total=len(images))
     return result
 
 
-def cifar10(
-    src: str | os.PathLike | None,
-    out: str | os.PathLike,
-    max_count: int = 10_000,
-    max_bytes: int = 0,
-    resume: bool = True,
-    progress: bool = True,
-    seed: int | None = 0,
-) -> dict[str, Manifest]:
+def _cifar_converter(layout: CifarLayout) -> Converter:
+    return converter(functools.partial(_cifar, layout=layout), layout.source, layout.doc)
+
+
+CIFAR100_SPLIT_FILES = {"train": ("train",), "test": ("test",)}
+
+cifar10 = _cifar_converter(CifarLayout(
+    "cifar10", "CIFAR-10 (cifar-10-batches-py)", {"train": CIFAR10_TRAIN_BATCHES, "test": ("test_batch",)},
+    "batches.meta", "label_names", "labels",
     """`cifar-10-batches-py` (data_batch_1..5, test_batch, batches.meta) -> splits `train` and `test`,
-    32x32 RGB stored as PNG."""
-    return _cifar(
-        src,
-        out,
-        source="cifar10",
-        what="CIFAR-10 (cifar-10-batches-py)",
-        split_files={"train": CIFAR10_TRAIN_BATCHES, "test": ("test_batch",)},
-        meta_file="batches.meta",
-        names_key="label_names",
-        label_key="labels",
-        max_count=max_count,
-        max_bytes=max_bytes,
-        resume=resume,
-        progress=progress,
-        seed=seed,
-    )
-
-
-def cifar100(
-    src: str | os.PathLike | None,
-    out: str | os.PathLike,
-    max_count: int = 10_000,
-    max_bytes: int = 0,
-    resume: bool = True,
-    progress: bool = True,
-    seed: int | None = 0,
-) -> dict[str, Manifest]:
-    """`cifar-100-python` (train, test, meta) -> splits `train` and `test` with the 100 fine labels."""
-    return _cifar(
-        src,
-        out,
-        source="cifar100",
-        what="CIFAR-100 (cifar-100-python)",
-        split_files={"train": ("train",), "test": ("test",)},
-        meta_file="meta",
-        names_key="fine_label_names",
-        label_key="fine_labels",
-        max_count=max_count,
-        max_bytes=max_bytes,
-        resume=resume,
-        progress=progress,
-        seed=seed,
-    )
-
-
-def cifar20(
-    src: str | os.PathLike | None,
-    out: str | os.PathLike,
-    max_count: int = 10_000,
-    max_bytes: int = 0,
-    resume: bool = True,
-    progress: bool = True,
-    seed: int | None = 0,
-) -> dict[str, Manifest]:
-    """`cifar-100-python` with the 20 coarse (superclass) labels, as clustering papers evaluate CIFAR-100."""
-    return _cifar(
-        src,
-        out,
-        source="cifar20",
-        what="CIFAR-100 (cifar-100-python)",
-        split_files={"train": ("train",), "test": ("test",)},
-        meta_file="meta",
-        names_key="coarse_label_names",
-        label_key="coarse_labels",
-        max_count=max_count,
-        max_bytes=max_bytes,
-        resume=resume,
-        progress=progress,
-        seed=seed,
-    )
+    32x32 RGB stored as PNG.""",
+))
+cifar100 = _cifar_converter(CifarLayout(
+    "cifar100", "CIFAR-100 (cifar-100-python)", CIFAR100_SPLIT_FILES,
+    "meta", "fine_label_names", "fine_labels",
+    """`cifar-100-python` (train, test, meta) -> splits `train` and `test` with the 100 fine labels.""",
+))
+cifar20 = _cifar_converter(CifarLayout(
+    "cifar20", "CIFAR-100 (cifar-100-python)", CIFAR100_SPLIT_FILES,
+    "meta", "coarse_label_names", "coarse_labels",
+    """`cifar-100-python` with the 20 coarse (superclass) labels, as clustering papers evaluate CIFAR-100.""",
+))
 
 
 # --- STL-10 --------------------------------------------------------------------------------------------
@@ -275,15 +235,8 @@ def _stl_pixels(images: np.ndarray) -> Callable[[int], np.ndarray]:
     return lambda i: np.asarray(images[i]).transpose(2, 1, 0)
 
 
-def stl10(
-    src: str | os.PathLike | None,
-    out: str | os.PathLike,
-    max_count: int = 10_000,
-    max_bytes: int = 0,
-    resume: bool = True,
-    progress: bool = True,
-    seed: int | None = 0,
-) -> dict[str, Manifest]:
+@converter
+def stl10(src: str | os.PathLike | None, output: Output) -> dict[str, Manifest]:
     """`stl10_binary` -> splits `train` (5k), `test` (8k) and, when unlabeled_X.bin is present,
     `unlabeled` (100k, no labels); 96x96 RGB stored as PNG."""
     root = _src_dir(src, "STL-10 (stl10_binary)")
@@ -307,19 +260,8 @@ def stl10(
                 raise ShardError(f"{y_path}: {len(labels)} labels for {len(images)} images in {x_path.name}")
             _check_labels(labels, len(classes), y_path, base=1)
             split_classes = classes
-        result[split] = _write(
-            png_samples(len(images), _stl_pixels(images), labels, f"stl10_{split}"),
-            out,
-            split,
-            source="stl10",
-            classes=split_classes,
-            total=len(images),
-            max_count=max_count,
-            max_bytes=max_bytes,
-            resume=resume,
-            progress=progress,
-            seed=seed,
-        )
+        samples = png_samples(len(images), _stl_pixels(images), labels, f"stl10_{split}")
+        result[split] = output.write(samples, split, source="stl10", classes=split_classes, total=len(images))
     return result
 
 
@@ -396,14 +338,9 @@ def _split_classes(split_dir: Path, subset: Sequence[str] | None) -> list[str]:
     return list(subset)
 
 
-def imagefolder(
+def _imagefolder(
     src: str | os.PathLike | None,
-    out: str | os.PathLike,
-    max_count: int = 10_000,
-    max_bytes: int = 0,
-    resume: bool = True,
-    progress: bool = True,
-    seed: int | None = 0,
+    output: Output,
     classes_subset: Sequence[str] | None = None,
     source: str = "imagefolder",
 ) -> dict[str, Manifest]:
@@ -436,20 +373,12 @@ def imagefolder(
             raise ShardError(
                 f"{split_dir}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders"
             )
-        result[split] = _write(
-            _file_samples(files),
-            out,
-            split,
-            source=source,
-            classes=classes,
-            total=len(files),
-            max_count=max_count,
-            max_bytes=max_bytes,
-            resume=resume,
-            progress=progress,
-            seed=seed,
-        )
+        samples = _file_samples(files)
+        result[split] = output.write(samples, split, source=source, classes=classes, total=len(files))
     return result
+
+
+imagefolder = converter(_imagefolder, "imagefolder")
 
 
 def read_wnids(name: str) -> list[str]:
@@ -458,51 +387,24 @@ def read_wnids(name: str) -> list[str]:
     return [w.strip() for w in text.splitlines() if w.strip() and not w.lstrip().startswith("#")]
 
 
-def imagenet10(
-    src: str | os.PathLike | None,
-    out: str | os.PathLike,
-    max_count: int = 10_000,
-    max_bytes: int = 0,
-    resume: bool = True,
-    progress: bool = True,
-    seed: int | None = 0,
-) -> dict[str, Manifest]:
+def _wnid_subset(name: str, doc: str) -> Converter:
+    """The ImageNet subset of the shipped wnid list `name`, from an ImageNet ImageFolder tree."""
+
+    def body(src: str | os.PathLike | None, output: Output) -> dict[str, Manifest]:
+        return _imagefolder(src, output, classes_subset=read_wnids(name), source=name)
+
+    return converter(body, name, doc)
+
+
+imagenet10 = _wnid_subset(
+    "imagenet10",
     """ImageNet-10 (DAC, Chang et al. 2017): the 10 classes of `wnids/imagenet10.txt` from an ImageNet
-    ImageFolder tree (`src` with train/ and/or val/, or a single split's class folders)."""
-    return imagefolder(
-        src,
-        out,
-        max_count=max_count,
-        max_bytes=max_bytes,
-        resume=resume,
-        progress=progress,
-        seed=seed,
-        classes_subset=read_wnids("imagenet10"),
-        source="imagenet10",
-    )
-
-
-def imagenet_dogs(
-    src: str | os.PathLike | None,
-    out: str | os.PathLike,
-    max_count: int = 10_000,
-    max_bytes: int = 0,
-    resume: bool = True,
-    progress: bool = True,
-    seed: int | None = 0,
-) -> dict[str, Manifest]:
-    """ImageNet-Dogs (DAC, Chang et al. 2017): the 15 dog breeds of `wnids/imagenet_dogs.txt`."""
-    return imagefolder(
-        src,
-        out,
-        max_count=max_count,
-        max_bytes=max_bytes,
-        resume=resume,
-        progress=progress,
-        seed=seed,
-        classes_subset=read_wnids("imagenet_dogs"),
-        source="imagenet_dogs",
-    )
+    ImageFolder tree (`src` with train/ and/or val/, or a single split's class folders).""",
+)
+imagenet_dogs = _wnid_subset(
+    "imagenet_dogs",
+    """ImageNet-Dogs (DAC, Chang et al. 2017): the 15 dog breeds of `wnids/imagenet_dogs.txt`.""",
+)
 
 
 def _resolve(base: Path, entry: str) -> Path:
@@ -584,15 +486,8 @@ def _list_classes(labels: list[int | None]) -> list[str] | None:
     return [str(c) for c in range(max(ids) + 1)] if ids else None
 
 
-def image_list(
-    src: str | os.PathLike | None,
-    out: str | os.PathLike,
-    max_count: int = 10_000,
-    max_bytes: int = 0,
-    resume: bool = True,
-    progress: bool = True,
-    seed: int | None = 0,
-) -> dict[str, Manifest]:
+@converter
+def image_list(src: str | os.PathLike | None, output: Output) -> dict[str, Manifest]:
     """A list of image paths -> split `train`. Relative paths are relative to the list file; blank lines
     and '#' comments are skipped. Formats: a text file with `path` or `path label` per line; a CSV (or
     .tsv) whose header names the `path` column and optionally a `label` column (without a header: the
@@ -621,18 +516,18 @@ def image_list(
     # Keys from the paths below the images' common folder: short, and independent of where the list lives.
     common = Path(os.path.commonpath([p.parent for p in paths]))
     files = [(p, p.relative_to(common).as_posix(), y) for p, y in zip(paths, labels, strict=True)]
-    return {
-        "train": _write(
-            _file_samples(files),
-            out,
-            "train",
-            source="image_list",
-            classes=_list_classes(labels),
-            total=len(files),
-            max_count=max_count,
-            max_bytes=max_bytes,
-            resume=resume,
-            progress=progress,
-            seed=seed,
-        )
-    }
+    samples, classes = _file_samples(files), _list_classes(labels)
+    return {"train": output.write(samples, "train", source="image_list", classes=classes, total=len(files))}
+
+
+# By the names users type (`python -m scp_dist.shards <name>`), which are not always the functions' names.
+CONVERTERS: dict[str, Converter] = {
+    "cifar10": cifar10,
+    "cifar100": cifar100,
+    "cifar20": cifar20,
+    "stl10": stl10,
+    "imagefolder": imagefolder,
+    "imagenet10": imagenet10,
+    "imagenet_dogs": imagenet_dogs,
+    "list": image_list,
+}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scp_dist.errors import UserError
 from scp_dist.fileio import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
@@ -28,7 +29,7 @@ SORTED_Z, SORTED_RATIO = 5.0, 2.0
 _warned: set[tuple[str, int]] = set()
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard directory, manifest or shard file that cannot be used as asked."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -175,9 +176,26 @@ def prepare_fashion_mnist(root: str | Path, seed: int | None = 0) -> dict[str, M
     return fashion_mnist(None, root, progress=False, seed=seed)
 
 
-# The built-in data sets (config key data.prepare): name -> writer of its shards into a root.
-PREPARE: dict[str, Callable[[Path], dict[str, Manifest]]] = {
-    "digits": prepare_digits,
-    "fashion_mnist": prepare_fashion_mnist,
-    "animals": prepare_animals,
+@dataclass(frozen=True)
+class BuiltinData:
+    """A data set the job writes on first use (config key data.prepare)."""
+
+    root: str  # its own folder: preparation never writes anywhere else, any other data.root is the user's
+    prepare: Callable[[Path], dict[str, Manifest]]
+
+    def owns(self, root: str | Path) -> bool:
+        return Path(root).resolve() == Path(self.root).resolve()
+
+
+BUILTIN: dict[str, BuiltinData] = {
+    "digits": BuiltinData("data/digits", prepare_digits),
+    "fashion_mnist": BuiltinData("data/fashion_mnist", prepare_fashion_mnist),
+    "animals": BuiltinData("data/animals", prepare_animals),
 }
+
+
+def builtin_to_prepare(name: str, root: str | Path) -> BuiltinData | None:
+    """The built-in data set `name` when `root` is its own folder, so its shards may be written there;
+    None for no built-in data set or another folder, which must already hold shards."""
+    data = BUILTIN.get(name)
+    return data if data is not None and data.owns(root) else None

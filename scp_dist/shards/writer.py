@@ -28,6 +28,7 @@ from typing import TypeVar
 from tqdm import tqdm
 
 from scp_dist.fileio import atomic_write_text
+from scp_dist.shards.format import IMAGE_EXTS, LABEL_EXT, SHARD_GLOB, index_path, index_text, shard_name
 from scp_dist.shards.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -38,7 +39,6 @@ from scp_dist.shards.manifest import (
 )
 
 PROGRESS_NAME = ".progress.json"
-IMAGE_EXTS = ("png", "jpg")
 log = logging.getLogger("scp_dist")
 
 
@@ -89,10 +89,6 @@ def shuffled(samples: Iterable[S], seed: int) -> list[S]:
     return sorted(samples, key=lambda s: _rank(seed, s.key))
 
 
-def shard_name(i: int) -> str:
-    return f"shard-{i:06d}.tar"
-
-
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     # Fixed metadata so the same samples give byte-identical shards (and checksums).
     info = tarfile.TarInfo(name)
@@ -100,21 +96,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mode = 0o644
     info.mtime = 0
     tar.addfile(info, io.BytesIO(data))
-
-
-def index_text(tar_path: Path) -> tuple[str, int]:
-    """DALI's webdataset index (the format `wds2idx` writes): 'v1.2 N' then, per sample, the
-    (ext, data offset, size, member name) of each of its files; and the sample count N. Raises
-    tarfile.ReadError on a file that is not a tar (empty, garbage)."""
-    samples: dict[str, list[str]] = {}
-    with tarfile.open(tar_path, "r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.partition(".")
-            samples.setdefault(key, []).append(f"{ext} {m.offset_data} {m.size} {m.name}")
-    lines = [f"v1.2 {len(samples)}"] + [" ".join(parts) for parts in samples.values()]
-    return "\n".join(lines) + "\n", len(samples)
 
 
 def write_index(tar_path: Path, idx_path: Path) -> int:
@@ -145,7 +126,7 @@ class _ShardSink:
             self.tar = tarfile.open(self.tmp, "w:", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - spans many add() calls
         _add_member(self.tar, f"{s.key}.{s.ext}", s.image)
         if s.label is not None:
-            _add_member(self.tar, f"{s.key}.cls", str(int(s.label)).encode())
+            _add_member(self.tar, f"{s.key}.{LABEL_EXT}", str(int(s.label)).encode())
             if self.num_classes:
                 self.label_counts[s.label] += 1
         self.count += 1
@@ -161,7 +142,7 @@ class _ShardSink:
             os.fsync(f.fileno())
         final = self.dir / shard_name(self.index)
         os.replace(self.tmp, final)
-        write_index(final, final.with_suffix(".idx"))
+        write_index(final, index_path(final))
         counts = self.label_counts if self.num_classes else None
         self.done.append(ShardInfo(final.name, self.count, final.stat().st_size, file_sha256(final), counts))
         progress = {**self.order, "shards": [asdict(d) for d in self.done]}
@@ -193,7 +174,7 @@ def _finished_shards(split_dir: Path, order: dict) -> list[ShardInfo]:
     done = [ShardInfo(**d) for d in raw["shards"]]
     for i, info in enumerate(done):
         p = split_dir / info.name
-        if not p.is_file() or p.stat().st_size != info.bytes or not p.with_suffix(".idx").is_file():
+        if not p.is_file() or p.stat().st_size != info.bytes or not index_path(p).is_file():
             return done[:i]  # keep the intact prefix; everything after it is rewritten
     return done
 
@@ -241,7 +222,7 @@ def write_shards(
         stale.unlink()
     done = _finished_shards(split_dir, order) if resume else []
     skip = sum(d.num_samples for d in done)
-    for old in split_dir.glob("shard-*"):
+    for old in split_dir.glob(SHARD_GLOB):
         if old.with_suffix(".tar").name not in {d.name for d in done}:
             old.unlink()
     sink = _ShardSink(split_dir, len(done), max_count, max_bytes, done, len(classes) if classes else 0, order)
