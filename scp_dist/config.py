@@ -153,6 +153,19 @@ class CacheConfig:
     dir: str = ""
     dtype: str = "fp16"  # fp16 | fp32: how features are stored
     batch_size: int = 256  # images per extraction batch, per rank
+    # The seed that draws the cached views; -1 = train.seed (epoch e then sees exactly the views a
+    # streaming run of that seed would). A fixed value lets every seed of a data set share one
+    # extraction: seeds then differ in the head's init, the batch order and the neighbour draws.
+    pair_seed: int = -1
+
+
+@dataclass
+class NeighborsConfig:
+    # Nearest neighbours in the frozen feature space as positives (scp_dist/neighbors.py): with k > 0,
+    # view b of each sample is, with probability p, view b of one of its k nearest training images
+    # instead of its own. cached mode only (the neighbour's features must be at hand).
+    k: int = 0  # 0: the paper's pairs (two views of one image) only
+    p: float = 0.5
 
 
 @dataclass
@@ -185,6 +198,7 @@ class SCPConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    neighbors: NeighborsConfig = field(default_factory=NeighborsConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -314,7 +328,12 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.mode in ("stream", "cached"), "train.mode", "stream|cached")
     _check(cfg.cache.num_pairs >= 1, "cache.num_pairs", f"must be >= 1, got {cfg.cache.num_pairs}")
     _check(cfg.cache.dtype in ("fp16", "fp32"), "cache.dtype", "fp16|fp32")
+    _check(cfg.cache.pair_seed >= -1, "cache.pair_seed", "must be >= 0, or -1 for train.seed")
     _check(cfg.cache.batch_size >= 1, "cache.batch_size", "must be >= 1")
+    _check(cfg.neighbors.k >= 0, "neighbors.k", f"must be >= 0, got {cfg.neighbors.k}")
+    _check(0.0 <= cfg.neighbors.p <= 1.0, "neighbors.p", f"probability must be in [0, 1], got {cfg.neighbors.p}")
+    _check(cfg.neighbors.k == 0 or cfg.train.mode == "cached", "neighbors.k",
+           "neighbour pairs need train.mode=cached (the neighbour's features come from the cache)")
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "auto|nccl|gloo")
     _check(cfg.data.loader in LOADERS, "data.loader", f"{cfg.data.loader!r} is not one of {'|'.join(LOADERS)}")
     _check(cfg.data.order in ORDERS, "data.order", f"{cfg.data.order!r} is not one of {'|'.join(ORDERS)}")

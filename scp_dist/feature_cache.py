@@ -70,9 +70,14 @@ def cache_dir(cfg: DictConfig) -> Path:
     return Path(cfg.output.dir) / "features" / f"{cfg.data.name}-{digest}"
 
 
+def pair_seed(cfg: DictConfig) -> int:
+    """The seed that draws the cached views: cache.pair_seed, or train.seed when it is -1."""
+    return cfg.train.seed if cfg.cache.pair_seed < 0 else cfg.cache.pair_seed
+
+
 def pairs_dir(cfg: DictConfig, root: Path) -> Path:
-    """The augmented pairs depend on the seed (it draws the views); the plain features do not."""
-    return root / f"seed{cfg.train.seed}"
+    """The augmented pairs depend on the seed that draws the views; the plain features do not."""
+    return root / f"seed{pair_seed(cfg)}"
 
 
 def cache_fingerprint(cfg: DictConfig) -> dict:
@@ -239,7 +244,7 @@ def extract_features(cfg: DictConfig, st: D.DistState, backbone: Backbone, root:
                   image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, device=st.device)
 
     def pair_loader(m: int) -> Any:
-        loader = build_pair_loader(data_root / cfg.data.train_split, cfg.data, cfg.augment, seed=cfg.train.seed,
+        loader = build_pair_loader(data_root / cfg.data.train_split, cfg.data, cfg.augment, seed=pair_seed(cfg),
                                    **common)
         loader.set_epoch(m)  # pair m = the views streaming training draws in epoch m
         return loader

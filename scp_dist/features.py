@@ -22,6 +22,7 @@ from scp_dist.data import plan as P
 from scp_dist.data.loader import TrainLoader, build_eval_loader, build_train_loader
 from scp_dist.feature_cache import SplitFeatures, cache_dir, extract_features, load_kind, pair_kind, pairs_dir
 from scp_dist.models.backbones import Backbone
+from scp_dist.neighbors import epoch_partners, load_or_build
 from scp_dist.precision import autocast_context
 from scp_dist.runlog import progress
 from scp_dist.shards.manifest import read_manifest
@@ -100,6 +101,8 @@ class CachedFeatures:
         self.stats = _AbsentCounts()
         self.epoch, self.start = 0, 0
         self._pair: tuple[int, SplitFeatures, np.ndarray] | None = None
+        nb = cfg.neighbors
+        self.neighbors = load_or_build(root, cfg.data.train_split, nb.k, self.num_samples, st) if nb.k else None
 
     def __len__(self) -> int:
         return self.steps
@@ -121,12 +124,20 @@ class CachedFeatures:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         pair, row_of = self._load_pair()
         cfg = self.cfg
+        partner = None if self.neighbors is None else \
+            epoch_partners(self.neighbors, cfg.neighbors.p, cfg.train.seed, self.epoch)
         for indices in P.train_plan(self.counts, cfg.train.global_batch, self.st.world_size, self.st.rank,
                                     cfg.train.seed, self.epoch, cfg.data.order, cfg.data.shuffle_buffer)[self.start:]:
             rows = row_of[indices]
             self.stats.absent += int((rows < 0).sum())
-            f = torch.from_numpy(pair.take(rows[rows >= 0]))  # (n, 2, D)
-            feats = torch.cat([f[:, 0], f[:, 1]])  # [a; b], as the head sees streamed views
+            present = rows >= 0
+            f = torch.from_numpy(pair.take(rows[present]))  # (n, 2, D)
+            view_b = f[:, 1]
+            if partner is not None:  # view b of the sample's partner (itself when absent from the cache)
+                rows_b = row_of[partner[indices[present]]]
+                rows_b = np.where(rows_b >= 0, rows_b, rows[present])
+                view_b = torch.from_numpy(pair.take(rows_b)[:, 1])
+            feats = torch.cat([f[:, 0], view_b])  # [a; b], as the head sees streamed views
             yield feats.to(self.st.device, torch.float32, non_blocking=True), len(f)
 
     def eval_batches(self, split: str) -> Iterator[EvalBatch]:

@@ -1,0 +1,77 @@
+"""Nearest neighbours in the frozen feature space as extra positive pairs (cached mode).
+
+The paper pairs two augmented views of the same image. With a strong pre-trained backbone the
+images nearest to x in feature space are mostly of x's class, and a far richer source of
+"these belong together" than a crop or a blur (SCAN's and TEMI's observation). With
+`neighbors.k > 0`, view b of sample i is, with probability `neighbors.p`, view b of one of i's k
+nearest training neighbours instead of i's own: y^a_i and y^b_j are pushed to agree, the loss is
+otherwise the paper's.
+
+The table is computed once per feature cache (it depends on the backbone and the data, not on the
+seed): cosine similarity of the plain (unaugmented) training features, exact search with faiss,
+stored next to the features as `<cache>/<split>/knn-<k>.npy`, indexed by global sample index
+(rows of samples absent from the cache are -1). Which neighbour a sample takes in an epoch is a
+function of (seed, epoch, sample) only, drawn over the whole data set, so the batches are the
+same on any world size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from scp_dist import distributed as D
+from scp_dist.fileio import atomic_write
+
+_CHUNK = 4096  # query rows per faiss call: bounds the (chunk, N) similarity block's memory
+
+
+def knn_table(feats: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) row indices of each row's k most cosine-similar other rows, nearest first."""
+    import faiss
+
+    x = np.ascontiguousarray(feats, dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    k = min(k, len(x) - 1)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    out = np.empty((len(x), k), dtype=np.int64)
+    for lo in range(0, len(x), _CHUNK):
+        _, idx = index.search(x[lo:lo + _CHUNK], k + 1)
+        for r, row in enumerate(idx):  # drop the query itself (first, unless duplicates tie with it)
+            i = lo + r
+            row = row[row != i]
+            out[i] = row[:k]
+    return out
+
+
+def neighbor_path(root: Path, split: str, k: int) -> Path:
+    return root / split / f"knn-{k}.npy"
+
+
+def load_or_build(root: Path, split: str, k: int, num_samples: int, st: D.DistState) -> np.ndarray:
+    """The (num_samples, k) neighbour table of global sample indices (-1 where a sample is absent),
+    built by rank 0 on first use from the cached plain features, read by every rank."""
+    path = neighbor_path(root, split, k)
+    if st.is_main and not path.is_file():
+        from scp_dist.feature_cache import load_kind
+
+        plain = load_kind(root, split, "plain", with_keys=False)
+        rows = knn_table(plain.feats[0].float().numpy(), k)
+        table = np.full((num_samples, rows.shape[1]), -1, dtype=np.int64)
+        table[plain.index] = plain.index[rows]
+        atomic_write(path, lambda f: np.save(f, table))
+    D.barrier()
+    return np.load(path)
+
+
+def epoch_partners(table: np.ndarray, p: float, seed: int, epoch: int) -> np.ndarray:
+    """(N,) the sample whose view b each sample is paired with in this epoch: itself or, with
+    probability p, one of its neighbours, uniformly. Drawn for the whole data set from (seed,
+    epoch), so every rank, at any world size, gives a sample the same partner."""
+    rng = np.random.default_rng([seed, epoch, 0x6E6E])
+    n, k = table.shape
+    own = np.arange(n)
+    cand = table[own, rng.integers(0, k, size=n)]
+    return np.where((rng.random(n) < p) & (cand >= 0), cand, own)
