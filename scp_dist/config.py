@@ -89,7 +89,8 @@ class HeadConfig:
     activation: str = "relu"  # relu | gelu ; the paper does not say, ReLU is our choice
     num_heads: int = 1  # H heads trained at once (different seeds), chosen without labels
     # How the reported clustering is chosen when num_heads > 1, without labels: "loss" = the head with
-    # the lowest final training loss (the highest mean ACC on both 5-head protocols, README);
+    # the lowest final training loss (the highest mean ACC on both 5-head protocols;
+    # docs/RESULTS.md, "Choosing without labels");
     # "consensus" = every head aligned to the most agreeing one (Hungarian) and a confidence-weighted
     # vote per sample; "agreement" = the head whose training-split clusters agree most (mean NMI) with
     # the other heads'.
@@ -106,7 +107,7 @@ class LossConfig:
     eps: float = 1e-8
     # How H(Y) estimates the cluster marginals: "batch" = this global batch's (the paper's; exact
     # over any world size); "ema" = a running estimate over ~1/(1-ema_momentum) steps, for K near or
-    # above the global batch (scp_dist/loss.py; README, "Many clusters (K = 1,000)").
+    # above the global batch (scp_dist/loss.py; docs/RESULTS.md, "Many clusters (K = 1,000)").
     marginal: str = "batch"
     ema_momentum: float = 0.9  # loss.marginal=ema only
 
@@ -165,7 +166,7 @@ class NeighborsConfig:
     # view b of each sample is, with probability p, view b of one of its k nearest training images
     # instead of its own. cached mode only (the neighbour's features must be at hand).
     k: int = 0  # 0: the paper's pairs (two views of one image) only
-    p: float = 0.5
+    p: float = 1.0  # measured: 1 beat 0.5 on the two-class set (docs/RESULTS.md)
 
 
 @dataclass

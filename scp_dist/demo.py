@@ -1,7 +1,8 @@
 """The embedded demo: real clustering of scikit-learn's handwritten digits, no download.
 
     python -m scp_dist.demo                 # one seed: SCP head vs k-means on the same features
-    python -m scp_dist.demo --seeds 5       # mean +- std over seeds 0..4 (the numbers in the README)
+    python -m scp_dist.demo --seeds 5       # mean +- std over seeds 0..4
+                                            # (numbers: docs/RESULTS.md, "The label-free protocol")
     python -m scp_dist.demo --config demo_digits    # the same on raw pixels (no weights needed)
 
 The digits are written to WebDataset shards with the project's own writer, read through the same

@@ -21,7 +21,7 @@ Marginal estimate (`loss.marginal`). By default (`batch`) H(Y) is the entropy of
 marginals, exactly as the paper. With many clusters and a batch that cannot hold each of them a few
 times (K = 1,000, batch 512), that estimate is noise and its gradient pushes every batch towards
 the clusters it happens to have no samples for. `ema` (`MarginalEstimate`) keeps a running estimate
-Q of the marginals over steps instead (README, "Many clusters"):
+Q of the marginals over steps instead (docs/RESULTS.md, "Many clusters (K = 1,000)"):
 
   E_t = m E_{t-1} + (1 - m) P_t            P_t: this step's GLOBAL marginals (detached), per view
   Q_t = E_t / (1 - m^t)                    Adam-style bias correction: Q_1 = P_1, no uniform prior

