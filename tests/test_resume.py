@@ -315,11 +315,18 @@ def test_an_extraction_killed_half_way_keeps_finished_kinds(tmp_path, digits_roo
 
 
 _WRITER = """
-import sys, time, torch
+import os, sys, time, torch
 from pathlib import Path
 from scp_dist.checkpoint import save_checkpoint
-run, step = Path(sys.argv[1]), int(sys.argv[2])
+run, step, block_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 big = torch.arange(3_000_000, dtype=torch.float32)
+real_fsync = os.fsync
+def fsync(fd):
+    real_fsync(fd)
+    if step == block_at:  # the data is in the temporary file, the rename has not happened
+        print("blocked", flush=True)
+        time.sleep(3600)
+os.fsync = fsync
 while True:
     print(f"start {step}", flush=True)
     t0 = time.perf_counter()
@@ -349,21 +356,27 @@ def _line(proc: subprocess.Popen, prefix: str, timeout: float = 300) -> str:
 @pytest.mark.multiprocess
 def test_repeated_kills_during_checkpoint_writes_never_leave_a_partial_file(tmp_path):
     """Each writer first finishes a checkpoint (its readiness, and what the kill must not damage),
-    then is killed at a random point of a later write: the delay after that write's start line is
-    drawn within the measured length of a write, so the kill lands in it whatever the load."""
+    then is killed during a later write. Odd rounds kill at a random point of the write (the delay
+    after its start line is drawn within the measured length of a write); even rounds hold the
+    writer inside the write, between writing the temporary file and renaming it, and kill it
+    there, so that some kills certainly land mid-write whatever the load."""
     from scp_dist.checkpoint import remove_stale_temporaries
 
     rng = np.random.default_rng(0)
     run = tmp_path / "run"
-    step, mid_write = 1, 0
-    for _ in range(KILLS):
-        p = subprocess.Popen([sys.executable, "-c", _WRITER, str(run), str(step)], cwd=REPO, stdout=subprocess.PIPE,
-                             bufsize=0)
+    step, mid_write, held = 1, 0, 0
+    for i in range(KILLS):
+        victim = step + int(rng.integers(1, 4))  # the 2nd to 4th write of this process
+        hold = i % 2 == 0
+        p = subprocess.Popen([sys.executable, "-c", _WRITER, str(run), str(step), str(victim if hold else -1)],
+                             cwd=REPO, stdout=subprocess.PIPE, bufsize=0)
         try:
             seconds = float(_line(p, "done ").split()[2])
-            victim = step + int(rng.integers(1, 4))  # the 2nd to 4th write of this process
             _line(p, f"start {victim}")
-            time.sleep(float(rng.uniform(0, seconds)))
+            if hold:
+                _line(p, "blocked")
+            else:
+                time.sleep(float(rng.uniform(0, seconds)))
         finally:
             p.kill()
             p.wait()
@@ -373,11 +386,15 @@ def test_repeated_kills_during_checkpoint_writes_never_leave_a_partial_file(tmp_
         assert torch.equal(state["big"], torch.arange(3_000_000, dtype=torch.float32) + state["step"])
         for path in list_checkpoints(run):  # every file there is whole, not only the newest
             torch.load(path, weights_only=False)
-        mid_write += remove_stale_temporaries(run) > 0
+        interrupted = remove_stale_temporaries(run) > 0
+        if hold:  # the counter-check that these kills hit writes: each left its temporary file
+            assert interrupted, f"round {i}: the writer held mid-write left no temporary file"
+            assert state["step"] == victim - 1  # and the held write never became a checkpoint
+            held += 1
+        mid_write += interrupted
         assert not list((run / "checkpoints").glob(".*.tmp"))
         step = state["step"] + 1
-    # The counter-check that the kills hit writes: most left a temporary file behind.
-    assert mid_write >= KILLS // 2, f"only {mid_write} of {KILLS} kills interrupted a write"
+    assert held == KILLS // 2 and mid_write >= held
 
 
 def test_save_checkpoint_is_atomic_and_prunes_to_keep(tmp_path):
