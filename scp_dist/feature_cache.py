@@ -291,13 +291,16 @@ class SplitFeatures:
     def __len__(self) -> int:
         return len(self.index)
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), V, D) features of the given rows (positions, not sample indices), in that order."""
+    def take(self, rows: np.ndarray, view: int | None = None) -> np.ndarray:
+        """(len(rows), V, D) features of the given rows (positions, not sample indices), in that
+        order; with `view`, (len(rows), D) of that view only (the others are not read)."""
         which = np.searchsorted(self.starts, rows, side="right") - 1
-        out = np.empty((len(rows), *self.parts[0].shape[1:]), dtype=self.parts[0].dtype)
+        shape = self.parts[0].shape[1:] if view is None else self.parts[0].shape[2:]
+        out = np.empty((len(rows), *shape), dtype=self.parts[0].dtype)
         for p in np.unique(which):
             sel = which == p
-            out[sel] = self.parts[p][rows[sel] - self.starts[p]]
+            local = rows[sel] - self.starts[p]
+            out[sel] = self.parts[p][local] if view is None else self.parts[p][local, view]
         return out
 
     @property

@@ -130,15 +130,17 @@ class CachedFeatures:
                                     cfg.train.seed, self.epoch, cfg.data.order, cfg.data.shuffle_buffer)[self.start:]:
             rows = row_of[indices]
             self.stats.absent += int((rows < 0).sum())
-            present = rows >= 0
-            f = torch.from_numpy(pair.take(rows[present]))  # (n, 2, D)
-            view_b = f[:, 1]
-            if partner is not None:  # view b of the sample's partner (itself when absent from the cache)
-                rows_b = row_of[partner[indices[present]]]
-                rows_b = np.where(rows_b >= 0, rows_b, rows[present])
-                view_b = torch.from_numpy(pair.take(rows_b)[:, 1])
-            feats = torch.cat([f[:, 0], view_b])  # [a; b], as the head sees streamed views
-            yield feats.to(self.st.device, torch.float32, non_blocking=True), len(f)
+            rows_a = rows[rows >= 0]
+            if partner is None:
+                f = torch.from_numpy(pair.take(rows_a))  # (n, 2, D): both views in one read
+                view_a, view_b = f[:, 0], f[:, 1]
+            else:  # view b of the sample's partner (itself when absent from the cache)
+                rows_b = row_of[partner[indices[rows >= 0]]]
+                rows_b = np.where(rows_b >= 0, rows_b, rows_a)
+                view_a = torch.from_numpy(pair.take(rows_a, view=0))
+                view_b = torch.from_numpy(pair.take(rows_b, view=1))
+            feats = torch.cat([view_a, view_b])  # [a; b], as the head sees streamed views
+            yield feats.to(self.st.device, torch.float32, non_blocking=True), len(rows_a)
 
     def eval_batches(self, split: str) -> Iterator[EvalBatch]:
         """This rank's evaluation range of the cached plain features, in chunks."""
