@@ -2,7 +2,8 @@
 seed loop: train, evaluate, k-means on the same frozen features), then a report of the mean ± std over
 seeds for the reported clustering, for k-means, and for every label-free way of choosing among the
 heads of a multi-head run (the lowest loss, the most agreement, the consensus vote), against the goal
-(ACC std <= 2 points; SCP >= 5 points over k-means in ACC, NMI and ARI).
+(ACC std <= 1.5 points; SCP >= 5 points over k-means in ACC, NMI and ARI, or where k-means is at 90
+or more at most 0.7 x its ACC error).
 
     python benchmarks/protocol.py --config animals_lite0 --seeds 5 [key=value ...]
     python benchmarks/protocol.py --render benchmarks/results/protocol-animals_lite0.json   # markdown only
@@ -27,7 +28,9 @@ if not __package__:  # `python benchmarks/protocol.py`: the repository root make
 from benchmarks import harness as H  # noqa: E402
 
 METRICS = ("acc", "nmi", "ari")
-GOAL_STD, GOAL_MARGIN = 2.0, 5.0
+# The goal of issue "Dependable clusters": a seed spread of at most 1.5 ACC points, and 5 points over
+# k-means in ACC, NMI and ARI; where k-means is at 90 or more, at most 0.7 x its ACC error instead.
+GOAL_STD, GOAL_MARGIN, GOAL_HIGH_KMEANS, GOAL_ERROR_SHARE = 1.5, 5.0, 90.0, 0.7
 KMEANS = "k-means on the same features"
 COLUMNS = [H.Column("name", "clustering"), *(H.Column(m, m.upper()) for m in METRICS), H.Column("seeds", "ACC per seed")]
 Stats = dict[str, tuple[float, float]]
@@ -59,7 +62,14 @@ def render(record: dict[str, Any]) -> str:
     km, rep = table[KMEANS], table[rep_name]
     std_ok = rep["acc"][1] <= GOAL_STD
     margins = {m: rep[m][0] - km[m][0] for m in METRICS}
-    margin_ok = all(v >= GOAL_MARGIN for v in margins.values())
+    if km["acc"][0] >= GOAL_HIGH_KMEANS:  # little room above k-means: a share of its error instead of 5 points
+        acc_goal = 100 - GOAL_ERROR_SHARE * (100 - km["acc"][0])
+        margin_ok = rep["acc"][0] >= acc_goal and margins["nmi"] >= 0 and margins["ari"] >= 0
+        margin_text = (f"k-means is at {km['acc'][0]:.1f} ≥ {GOAL_HIGH_KMEANS:.0f}, so ACC ≥ {acc_goal:.1f} "
+                       f"(≤ {GOAL_ERROR_SHARE} × k-means' error) and NMI, ARI not below k-means")
+    else:
+        margin_ok = all(v >= GOAL_MARGIN for v in margins.values())
+        margin_text = f"≥ {GOAL_MARGIN:.0f} points over k-means in ACC, NMI and ARI"
     per_seed = {KMEANS: [r["kmeans"]["acc"] for r in rows], rep_name: [r["scp"]["acc"] for r in rows]}
     cells = [{"name": name, **{m: f"{s[m][0]:.1f} ± {s[m][1]:.1f}" for m in METRICS},
               "seeds": " ".join(f"{100 * a:.1f}" for a in per_seed.get(name, []))} for name, s in table.items()]
@@ -69,9 +79,8 @@ def render(record: dict[str, Any]) -> str:
         f"Scored on {rows[0]['num_samples']} `{rows[0]['split']}` images, in %, mean ± std over seeds "
         "(population std). No labels are used to choose anything.", "",
         H.table(COLUMNS, cells), "",
-        f"**Goal** (reported clustering): ACC std ≤ {GOAL_STD:.0f} — {'met' if std_ok else 'NOT met'} "
-        f"({rep['acc'][1]:.1f}); ≥ {GOAL_MARGIN:.0f} points over k-means in ACC, NMI and ARI — "
-        f"{'met' if margin_ok else 'NOT met'} (" + ", ".join(f"{m.upper()} {v:+.1f}" for m, v in margins.items())
+        f"**Goal** (reported clustering): ACC std ≤ {GOAL_STD} — {'met' if std_ok else 'NOT met'} "
+        f"({rep['acc'][1]:.1f}); {margin_text} — {'met' if margin_ok else 'NOT met'} (" + ", ".join(f"{m.upper()} {v:+.1f}" for m, v in margins.items())
         + ").", "",
         "Wall time per seed: " + ", ".join(f"{r['wall_s']:.0f} s" for r in rows) + ".", "",
     ]

@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
+# Its last lines name each run's report page (runs/<config>_seed<N>/report/index.html; output.report=true).
 exec .venv/bin/python -m scp_dist.demo "$@"

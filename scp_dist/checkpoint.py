@@ -67,22 +67,41 @@ def save_checkpoint(run: Path, state: dict[str, Any], keep: int) -> Path:
     return path
 
 
-def _fingerprint_diff(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
-    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+def _fingerprint_diff(ours: dict[str, Any], theirs: dict[str, Any], defaults: dict[str, Any] | None = None
+                      ) -> list[str]:
+    """The keys whose values differ. A key the checkpoint does not have (added to the schema after it
+    was written) is no difference while ours holds the schema's default: the old run ran as that."""
+    defaults = defaults or {}
+    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)
+                  and not (k not in theirs and k in defaults and ours[k] == defaults[k]))
 
 
-def load_latest(run: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, Any], Path] | None:
-    """The newest readable checkpoint and its path, or None when the run has none. A checkpoint
-    from a config that differs in a key that changes the result is refused (the keys are named):
-    resuming it would silently mix two experiments."""
+def newest_readable(run: Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint that reads back and its path, or None when the run has none; an
+    unreadable one is skipped with a warning (the reason more than one is kept). Raises
+    CheckpointError when there are checkpoints but none reads."""
     for path in reversed(list_checkpoints(run)):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False), path
         except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to the previous one
             log.warning("checkpoint %s cannot be read (%s: %s); trying the previous one", path,
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            continue
-        diff = _fingerprint_diff(fingerprint, state.get("fingerprint") or {})
+    if list_checkpoints(run):
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir(run)} can be read; move the folder away or "
+                              "start over with train.resume=false output.overwrite=true")
+    return None
+
+
+def load_latest(run: Path, fingerprint: dict[str, Any], defaults: dict[str, Any] | None = None
+                ) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable checkpoint and its path, or None when the run has none. A checkpoint
+    from a config that differs in a key that changes the result is refused (the keys are named):
+    resuming it would silently mix two experiments. `defaults`: the schema's flat defaults, for keys
+    newer than the checkpoint."""
+    found = newest_readable(run)
+    if found is not None:
+        state, path = found
+        diff = _fingerprint_diff(fingerprint, state.get("fingerprint") or {}, defaults)
         if diff:
             shown = ", ".join(f"{k} ({state.get('fingerprint', {}).get(k)!r} -> {fingerprint.get(k)!r})"
                               for k in diff[:8])
@@ -90,8 +109,4 @@ def load_latest(run: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, Any],
                 f"the checkpoint {path} was written with a config that gives a different result; it differs in "
                 f"{shown}{' ...' if len(diff) > 8 else ''}. Use the original values, a new output.run_name, or "
                 "train.resume=false output.overwrite=true to start this run over")
-        return state, path
-    if list_checkpoints(run):
-        raise CheckpointError(f"no checkpoint in {checkpoint_dir(run)} can be read; move the folder away or "
-                              "start over with train.resume=false output.overwrite=true")
-    return None
+    return found

@@ -137,7 +137,10 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoint_minutes: float = 30.0
     keep_checkpoints: int = 3
-    max_steps: int = 0  # >0 stops early (debugging)
+    max_steps: int = 0  # >0 stops early (debugging); the schedule stays as long as without it
+    # >0: the run is min(epochs x steps per epoch, step_budget) steps, its cosine annealed over that
+    # (schedule.schedule_steps): one recipe, a bounded cost at any data size.
+    step_budget: int = 0
     log_every: int = 10
     eval_batch: int = 1024
     device: str = "auto"  # auto | cpu | cuda
@@ -149,6 +152,9 @@ class TrainConfig:
 @dataclass
 class CacheConfig:
     num_pairs: int = 8  # M: augmented view pairs per image; epoch e trains on pair e % M
+    # >0: at most this many view pairs in all, M = min(num_pairs, max(1, pair_budget // N)) for N
+    # training images (feature_cache.pairs_to_extract): the extraction's cost stays bounded as N grows.
+    pair_budget: int = 0
     # "" = <output.dir>/features/<data.name>-<hash of what the features depend on>
     # (feature_cache.cache_dir): shared by the runs whose features are the same, so in no run's folder
     dir: str = ""
@@ -187,6 +193,12 @@ class OutputConfig:
     kmeans_niter: int = 100
     kmeans_nredo: int = 10
     kmeans_max_points: int = 1024  # per centroid: k-means trains on at most K x this many rows
+    # At the end of the run (rank 0): <run>/report/index.html, a static page of the clusters,
+    # curves, feature map and scores (scp_dist/report.py; needs the `report` extra, else a warning).
+    report: bool = True
+    # TensorBoard event files in <run>/tensorboard/ mirroring metrics.jsonl's scalars, and the
+    # report's figures at the end (needs the tensorboard package).
+    tensorboard: bool = False
 
 
 @dataclass
@@ -319,6 +331,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.global_batch >= 2, "train.global_batch", f"must be >= 2, got {cfg.train.global_batch}")
     _check(cfg.train.eval_batch >= 1, "train.eval_batch", "must be >= 1")
     _check(cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0")
+    _check(cfg.train.step_budget >= 0, "train.step_budget", "must be >= 0 (0: train.epochs alone)")
     _check(cfg.train.resume in RESUME, "train.resume", f"{cfg.train.resume!r} is not one of {'|'.join(RESUME)}")
     _check(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: epoch ends only)")
     _check(cfg.train.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0 (0: off)")
@@ -328,6 +341,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "auto|cpu|cuda")
     _check(cfg.train.mode in ("stream", "cached"), "train.mode", "stream|cached")
     _check(cfg.cache.num_pairs >= 1, "cache.num_pairs", f"must be >= 1, got {cfg.cache.num_pairs}")
+    _check(cfg.cache.pair_budget >= 0, "cache.pair_budget", "must be >= 0 (0: cache.num_pairs alone)")
     _check(cfg.cache.dtype in ("fp16", "fp32"), "cache.dtype", "fp16|fp32")
     _check(cfg.cache.pair_seed >= -1, "cache.pair_seed", "must be >= 0, or -1 for train.seed")
     _check(cfg.cache.batch_size >= 1, "cache.batch_size", "must be >= 1")
@@ -419,6 +433,11 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: node}
+
+
+def schema_defaults() -> dict:
+    """Every key's default, flat (`train.step_budget`: 0, ...): what a run written before a key existed ran as."""
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(SCPConfig), resolve=True))
 
 
 def config_fingerprint(cfg: DictConfig) -> dict:

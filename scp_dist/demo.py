@@ -52,7 +52,7 @@ def run_seeds(config: str, seeds: int, overrides: list[str], st: D.DistState) ->
                      "scp": split["scores"], "kmeans": split["kmeans"], "select": res["select"],
                      "chosen_head": res["chosen_head"], "head_losses": res["head_losses"],
                      "head_agreement": res["head_agreement"], "all_heads": split.get("all_heads"),
-                     "wall_s": round(time.perf_counter() - t0, 1)})
+                     "wall_s": round(time.perf_counter() - t0, 1), "run": str(run_dir(cfg))})
         print(f"seed {seed}: SCP ACC {100 * split['scores']['acc']:.1f} | k-means ACC "
               f"{100 * split['kmeans']['acc']:.1f}", flush=True)
     return cfg, rows
@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(summary, json.dumps({"config": args.config, "overrides": args.overrides, "runs": rows},
                                           indent=1))
     print(f"\nsummary: {summary}")
+    # Last lines: where to look next (the page each seed's run wrote, output.report=true).
+    for r in rows:
+        page = Path(r["run"]) / "report" / "index.html"
+        if page.is_file():
+            print(f"report (seed {r['seed']}): {page.resolve()}  (open it in a browser; no server needed)")
     return 0
 
 

@@ -19,11 +19,24 @@ from scipy.optimize import linear_sum_assignment
 
 from scp_dist import distributed as D
 from scp_dist.data.batch import DataError
-from scp_dist.fileio import atomic_write_text
+from scp_dist.fileio import atomic_write, atomic_write_text
 from scp_dist.kmeans import kmeans_fit, nearest_centroid
 from scp_dist.metrics import clustering_scores, nmi
 
 log = logging.getLogger("scp_dist")
+# What a finished run keeps for scp_dist.predict beside eval.json: the k-means baseline's centroids
+# (K, D), so new images get a k-means cluster too.
+KMEANS_CENTROIDS = "kmeans_centroids.npy"
+
+
+class KMeansBaseline(dict):
+    """The k-means cluster per sample of each split (a plain dict of split -> (n,) ids, as before),
+    carrying the (K, D) centroids it assigned with, which report() saves with the run: train.evaluate
+    hands this object from kmeans_baseline to report unchanged, and only report knows the run dir."""
+
+    def __init__(self, clusters: dict[str, np.ndarray], centroids: np.ndarray) -> None:
+        super().__init__(clusters)
+        self.centroids = centroids
 
 
 @dataclass
@@ -99,13 +112,14 @@ def predict(batches: Iterable[tuple[torch.Tensor, list[str], torch.Tensor]], hea
     ), local_feats
 
 
-def kmeans_baseline(cfg: DictConfig, st: D.DistState, local: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+def kmeans_baseline(cfg: DictConfig, st: D.DistState, local: dict[str, np.ndarray]) -> KMeansBaseline | None:
     """faiss k-means on the frozen features the head saw, fitted on the training split and applied
     to every split: each run carries its own baseline. Collective, and sized for large data: rank 0
     draws a seeded uniform sample of at most K x output.kmeans_max_points training rows (canonical
     order, so the same on any world size), only those rows are gathered, the centroids are
     broadcast, and each rank assigns its own rows. Rank 0 returns the cluster per sample of each
-    split in canonical order; the others None."""
+    split in canonical order, with the centroids (report() saves them as KMEANS_CENTROIDS); the
+    others None."""
     k = cfg.head.num_clusters
     train = local[cfg.data.train_split]
     counts = D.broadcast_object(D.gather_objects(len(train)))
@@ -134,7 +148,7 @@ def kmeans_baseline(cfg: DictConfig, st: D.DistState, local: dict[str, np.ndarra
         parts = D.gather_objects(nearest_centroid(centroids, feats) if len(feats) else np.zeros(0, np.int64))
         if parts is not None:
             out[split] = np.concatenate(parts)
-    return out if st.is_main else None
+    return KMeansBaseline(out, np.asarray(centroids, dtype=np.float32)) if st.is_main else None
 
 
 # ---------------------------------------------------------------- label-free choice among heads
@@ -192,6 +206,7 @@ def report(cfg: DictConfig, preds: dict[str, Predictions], head_losses: torch.Te
     train = preds[cfg.data.train_split]
     agreement = head_agreement(train.clusters) if num_heads > 1 else None
     chosen = choose_head(cfg.head.select, head_losses, agreement)
+    mappings = None
     if cfg.head.select == "consensus" and num_heads > 1:
         k = cfg.head.num_clusters
         # Aligned once on the training split, so every split is voted with the same relabelling.
@@ -203,6 +218,11 @@ def report(cfg: DictConfig, preds: dict[str, Predictions], head_losses: torch.Te
     baseline = {split: clustering_scores(preds[split].labels, c) for split, c in (kmeans or {}).items()}
     results: dict = {"chosen_head": chosen, "select": cfg.head.select, "head_losses": head_losses.tolist(),
                      "head_agreement": agreement, "splits": {}}
+    if mappings is not None:  # scp_dist.predict votes new images with the same relabelling
+        results["consensus_mappings"] = mappings.tolist()
+    centroids = getattr(kmeans, "centroids", None)
+    if centroids is not None:
+        atomic_write(out_dir / KMEANS_CENTROIDS, lambda f: np.save(f, centroids))
     for split, pred in preds.items():
         per_head = [pred.scores(h) for h in range(num_heads)]
         entry: dict = {"scores": pred.scores(chosen), "num_samples": len(pred.keys)}

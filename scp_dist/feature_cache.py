@@ -44,11 +44,13 @@ from omegaconf import DictConfig, OmegaConf
 from scp_dist import distributed as D
 from scp_dist.config import backbone_identity, eval_splits
 from scp_dist.data.loader import build_eval_loader, build_pair_loader
+from scp_dist.data.plan import steps_per_epoch
 from scp_dist.errors import UserError
 from scp_dist.fileio import atomic_write, atomic_write_text
 from scp_dist.models.backbones import Backbone
 from scp_dist.precision import autocast_context
 from scp_dist.runlog import progress
+from scp_dist.schedule import epochs_run
 from scp_dist.shards.manifest import ShardError, manifest_digest, read_manifest
 
 log = logging.getLogger("scp_dist")
@@ -73,6 +75,17 @@ def cache_dir(cfg: DictConfig) -> Path:
 def pair_seed(cfg: DictConfig) -> int:
     """The seed that draws the cached views: cache.pair_seed, or train.seed when it is -1."""
     return cfg.train.seed if cfg.cache.pair_seed < 0 else cfg.cache.pair_seed
+
+
+def pairs_to_extract(cfg: DictConfig, num_samples: int) -> int:
+    """M, the view pairs per image the run reads: cache.num_pairs, cut to cache.pair_budget // N when
+    that is set, and to the epochs the run has (epoch e reads pair e % M, so a pair no epoch reaches
+    is never extracted; with fewer epochs than pairs every epoch still reads the pair it would)."""
+    m = cfg.cache.num_pairs
+    if cfg.cache.pair_budget > 0:
+        m = min(m, max(1, cfg.cache.pair_budget // max(1, num_samples)))
+    spe = steps_per_epoch(num_samples, cfg.train.global_batch)
+    return max(1, min(m, epochs_run(cfg.train.epochs, spe, cfg.train.step_budget)))
 
 
 def pairs_dir(cfg: DictConfig, root: Path) -> Path:
@@ -252,7 +265,7 @@ def extract_features(cfg: DictConfig, st: D.DistState, backbone: Backbone, root:
     def plain_loader(split: str) -> Any:
         return build_eval_loader(data_root / split, cfg.data, **common)
 
-    for m in range(cfg.cache.num_pairs):
+    for m in range(pairs_to_extract(cfg, read_manifest(data_root / cfg.data.train_split).num_samples)):
         _extract_kind(pairs_dir(cfg, root), cfg.data.train_split, pair_kind(m), 2, partial(pair_loader, m),
                       backbone, st, precision, dtype)
     splits = eval_splits(cfg)

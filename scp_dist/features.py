@@ -20,7 +20,15 @@ from omegaconf import DictConfig
 from scp_dist import distributed as D
 from scp_dist.data import plan as P
 from scp_dist.data.loader import TrainLoader, build_eval_loader, build_train_loader
-from scp_dist.feature_cache import SplitFeatures, cache_dir, extract_features, load_kind, pair_kind, pairs_dir
+from scp_dist.feature_cache import (
+    SplitFeatures,
+    cache_dir,
+    extract_features,
+    load_kind,
+    pair_kind,
+    pairs_dir,
+    pairs_to_extract,
+)
 from scp_dist.models.backbones import Backbone
 from scp_dist.neighbors import epoch_partners, load_or_build
 from scp_dist.precision import autocast_context
@@ -59,10 +67,7 @@ class StreamFeatures:
         self.loader.set_epoch(epoch, start)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        # no_grad, not inference_mode: the head saves these features for its weight gradients,
-        # which autograd refuses to do with inference tensors.
-        with torch.no_grad(), autocast_context(self.st.device, self.precision):
-            return self.backbone(x.to(self.st.device, non_blocking=True))
+        return backbone_forward(self.backbone, x, self.st.device, self.precision)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         for batch in self.loader:
@@ -76,6 +81,15 @@ class StreamFeatures:
         for batch in progress(loader, self.st.is_main, desc=f"eval {split}"):
             if batch.keys:
                 yield self._forward(batch.views[0]).float(), batch.keys, batch.labels
+
+
+def backbone_forward(backbone: Backbone, x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """Images -> frozen features, as training and evaluation run them (scp_dist.predict and
+    scp_dist.search too, so a new image meets the same forward as the run's own)."""
+    # no_grad, not inference_mode: the head saves these features for its weight gradients,
+    # which autograd refuses to do with inference tensors.
+    with torch.no_grad(), autocast_context(device, precision):
+        return backbone(x.to(device, non_blocking=True))
 
 
 class _AbsentCounts:
@@ -98,6 +112,7 @@ class CachedFeatures:
         self.counts = [s.num_samples for s in manifest.shards]
         self.num_samples = manifest.num_samples  # train.check_data made sure it holds a global batch
         self.steps = P.steps_per_epoch(self.num_samples, cfg.train.global_batch)
+        self.num_pairs = pairs_to_extract(cfg, self.num_samples)
         self.stats = _AbsentCounts()
         self.epoch, self.start = 0, 0
         self._pair: tuple[int, SplitFeatures, np.ndarray] | None = None
@@ -112,7 +127,7 @@ class CachedFeatures:
         self.stats.absent = 0
 
     def _load_pair(self) -> tuple[SplitFeatures, np.ndarray]:
-        m = self.epoch % self.cfg.cache.num_pairs
+        m = self.epoch % self.num_pairs
         if self._pair is None or self._pair[0] != m:
             pair = load_kind(pairs_dir(self.cfg, self.root), self.cfg.data.train_split, pair_kind(m),
                              with_keys=False)

@@ -8,7 +8,8 @@ nearest training neighbours instead of i's own: y^a_i and y^b_j are pushed to ag
 otherwise the paper's.
 
 The table is computed once per feature cache (it depends on the backbone and the data, not on the
-seed): cosine similarity of the plain (unaugmented) training features, exact search with faiss,
+seed): cosine similarity of the plain (unaugmented) training features, searched with faiss through
+the package's one index (faiss_index.py: exact up to 10^5 images, IVF above, on a GPU if faiss sees one),
 stored next to the features as `<cache>/<split>/knn-<k>.npy`, indexed by global sample index
 (rows of samples absent from the cache are -1). Which neighbour a sample takes in an epoch is a
 function of (seed, epoch, sample) only, drawn over the whole data set, so the batches are the
@@ -22,27 +23,26 @@ from pathlib import Path
 import numpy as np
 
 from scp_dist import distributed as D
+from scp_dist.faiss_index import build_index, normalise, on_gpu
 from scp_dist.fileio import atomic_write
 
 _CHUNK = 4096  # query rows per faiss call: bounds the (chunk, N) similarity block's memory
 
 
 def knn_table(feats: np.ndarray, k: int) -> np.ndarray:
-    """(N, k) row indices of each row's k most cosine-similar other rows, nearest first."""
-    import faiss
-
-    x = np.ascontiguousarray(feats, dtype=np.float32)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    """(N, k) row indices of each row's k most cosine-similar other rows, nearest first (exact below
+    faiss_index.IVF_MIN_ROWS rows; approximate above, where exact search is quadratic)."""
+    x = normalise(feats)
     k = min(k, len(x) - 1)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
+    index = on_gpu(build_index(x))  # exact up to faiss_index.IVF_MIN_ROWS rows, IVF above: the search's index
     out = np.empty((len(x), k), dtype=np.int64)
     for lo in range(0, len(x), _CHUNK):
         _, idx = index.search(x[lo:lo + _CHUNK], k + 1)
-        for r, row in enumerate(idx):  # drop the query itself (first, unless duplicates tie with it)
-            i = lo + r
-            row = row[row != i]
-            out[i] = row[:k]
+        # Drop the query itself: usually first, but an exact duplicate can tie with it, so it is
+        # found by index, and a row where it is absent keeps its first k (a stable sort keeps order).
+        is_self = idx == np.arange(lo, lo + len(idx))[:, None]
+        keep = np.argsort(is_self, axis=1, kind="stable")[:, :k]
+        out[lo:lo + len(idx)] = np.take_along_axis(idx, keep, axis=1)
     return out
 
 

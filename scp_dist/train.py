@@ -31,6 +31,7 @@ from scp_dist.config import (
     load_config,
     run_dir,
     save_config,
+    schema_defaults,
 )
 from scp_dist.data.batch import DataError
 from scp_dist.errors import USER_ERRORS
@@ -41,8 +42,18 @@ from scp_dist.loss import LossTerms, MarginalEstimate, build_marginal, scp_loss
 from scp_dist.models.backbones import build_backbone
 from scp_dist.models.head import SCPHead
 from scp_dist.precision import autocast_context, resolve_precision
-from scp_dist.runlog import JsonlLog, log, progress, setup_logging, stage
-from scp_dist.schedule import lr_at
+from scp_dist.report import gather_feature_sample, report_after_run
+from scp_dist.runlog import (
+    JsonlLog,
+    close_mirror,
+    log,
+    metrics_mirror,
+    mirror_metrics,
+    progress,
+    setup_logging,
+    stage,
+)
+from scp_dist.schedule import lr_at, schedule_steps
 from scp_dist.shards.manifest import ShardError, read_manifest
 from scp_dist.shards.sources import builtin_to_prepare
 from scp_dist.signals import EXIT_REQUEUE as EXIT_REQUEUE  # the launchers' contract
@@ -133,7 +144,8 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
                        build_marginal(cfg.loss, cfg.head.num_heads, cfg.head.num_clusters, st.device),
                        cfg.head.num_heads, st.device, st.world_size)
     steps_per_epoch = len(source)
-    total_steps = steps_per_epoch * cfg.train.epochs  # the schedule's length; max_steps only stops early
+    # The schedule's length (train.step_budget may cut it short of the epochs); max_steps only stops early.
+    total_steps = schedule_steps(cfg.train.epochs, steps_per_epoch, cfg.train.step_budget)
     stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     log.info("%d samples, %d steps/epoch, %d steps in all (%s mode)", source.num_samples, steps_per_epoch, stop_at,
              cfg.train.mode)
@@ -218,12 +230,12 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
                     D.barrier()
                     raise Preempted(signum, f"at step {state.step}" + (f"; checkpoint {path}" if path else ""))
                 if state.step >= stop_at and state.step_in_epoch < steps_per_epoch:
-                    break  # max_steps inside an epoch: every rank sees the same stop_at
+                    break  # max_steps or step_budget inside an epoch: every rank sees the same stop_at
                 if periodic_due() and state.step_in_epoch < steps_per_epoch:
                     save("periodic")
-            if state.step_in_epoch < steps_per_epoch:  # stopped early by train.max_steps
+            if state.step_in_epoch < steps_per_epoch:  # stopped inside the epoch: train.max_steps or step_budget
                 state.close_epoch_losses()
-                save("max_steps")
+                save("max_steps" if stop_at < total_steps else "step_budget")
                 break
             check_finite()
             head_losses = state.close_epoch_losses()
@@ -253,12 +265,17 @@ def evaluate(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPH
     """Every split through features -> head; rank 0 chooses, scores (next to k-means) and writes."""
     metrics = out_dir / "metrics.jsonl" if st.is_main else None
     preds, local_feats = {}, {}
+    want_sample = cfg.output.report and cfg.output.save_assignments  # the page reads the assignments
     with stage("predict", metrics, _world_max(st)):
         for split in eval_splits(cfg):  # rank 0 holds the predictions, every rank its own features
+            # The report's feature map needs a sample of the training split's features too.
+            keep = cfg.output.kmeans or (want_sample and split == cfg.data.train_split)
             preds[split], local_feats[split] = predict(source.eval_batches(split), head, st,
-                                                       keep_features=cfg.output.kmeans, split=split)
+                                                       keep_features=keep, split=split)
     with stage("kmeans", metrics, _world_max(st)):
         kmeans = kmeans_baseline(cfg, st, local_feats) if cfg.output.kmeans else None
+    # Collective, like the k-means sample: only a few thousand rows travel to rank 0.
+    sample = gather_feature_sample(cfg, st, local_feats[cfg.data.train_split]) if want_sample else None
     del local_feats
     with stage("report", metrics):  # rank 0: choice, Hungarian scores, eval.json, assignments
         results = report(cfg, preds, head_losses, out_dir, kmeans) if st.is_main else None
@@ -267,6 +284,13 @@ def evaluate(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPH
         jsonl = JsonlLog(out_dir / "metrics.jsonl")
         jsonl.write(kind="eval", **results)
         jsonl.close()
+        if cfg.output.report:  # "report" is eval.json's stage; this one is the HTML page's
+            with stage("report_html", metrics):
+                page = report_after_run(cfg, out_dir, preds, results, sample)
+            mirror = metrics_mirror(metrics)
+            if page is not None and mirror is not None:
+                for name, png in page.figures.items():
+                    mirror.add_png(f"report/{name}", png)
         results["predictions"] = preds
     return results
 
@@ -289,7 +313,7 @@ def open_run(cfg: DictConfig, st: D.DistState, out_dir: Path) -> tuple[dict | No
             if resume == "false":
                 rundir.prepare_fresh(out_dir, cfg.output.overwrite)
             else:
-                found = load_latest(out_dir, config_fingerprint(cfg))
+                found = load_latest(out_dir, config_fingerprint(cfg), schema_defaults())
                 if found is None and resume == "true":
                     raise CheckpointError(f"train.resume=true but {out_dir} holds no checkpoint "
                                           "(train.resume=auto starts fresh when there is none)")
@@ -308,12 +332,17 @@ def open_run(cfg: DictConfig, st: D.DistState, out_dir: Path) -> tuple[dict | No
 def train(cfg: DictConfig, st: D.DistState, stop: StopSignals | None = None) -> dict:
     """build -> fit -> evaluate. Every rank calls it; rank 0's result holds the predictions."""
     check_world_size(cfg, st.world_size)
+    check_tensorboard(cfg)
     prepare_data(cfg, st)
     out_dir = run_dir(cfg)
     resume_state, held = open_run(cfg, st, out_dir)
     metrics = out_dir / "metrics.jsonl" if st.is_main else None
     world_max = _world_max(st)
     try:
+        if metrics is not None and cfg.output.tensorboard:
+            # Every JsonlLog on metrics.jsonl now mirrors its scalars (runlog.TensorBoardMirror).
+            mirror_metrics(metrics, out_dir / "tensorboard",
+                           purge_step=resume_state["step"] + 1 if resume_state is not None else None)
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         precision = resolve_precision(cfg.train.precision, st.device)
@@ -335,8 +364,19 @@ def train(cfg: DictConfig, st: D.DistState, stop: StopSignals | None = None) -> 
         with stage("evaluate", metrics, world_max):
             return evaluate(cfg, st, source, head, head_losses, out_dir)
     finally:
+        close_mirror(metrics)
         if held is not None:
             held.close()
+
+
+def check_tensorboard(cfg: DictConfig) -> None:
+    """output.tensorboard without the package fails now, on every rank, not after training."""
+    if cfg.output.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("config key 'output.tensorboard': the tensorboard package is not installed "
+                              "(pip install 'scp_dist[report]'), or set output.tensorboard=false")
 
 
 def _world_max(st: D.DistState):

@@ -29,6 +29,8 @@ def overrides(tmp: Path, data_root: Path, **kw) -> list[str]:
         "data.num_workers": 0,
         "data.loader": "torch",
         "train.mode": "stream",  # the demo config's recipe is cached; these tests exercise streaming
+        # The HTML report (t-SNE, figures: 10-30 s a run) is tested in tests/test_report.py, which turns it on.
+        "output.report": "false",
     }
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
@@ -78,3 +80,36 @@ def bad_dataset(root: Path) -> Path:
     tar1 = root / "shard-000001.tar"
     tar1.write_bytes(tar1.read_bytes()[:2048])  # truncated: most of shard 1 is gone
     return root
+
+
+def tiny_run(tmp: Path, data_root: Path, name: str, **kw) -> Path:
+    """A small finished run of the digits (pixels backbone, a narrow head, a few epochs, fast k-means),
+    trained in this process in seconds, for the tools that use a finished run (predict, search)."""
+    from dataclasses import fields
+
+    from scp_dist.config import OutputConfig, load_config
+    from scp_dist.distributed import DistState
+    from scp_dist.train import train
+
+    base = {"output.run_name": name, "train.epochs": 2, "optim.lr": 0.005, "head.hidden": "[64,32]",
+            "output.kmeans_nredo": 1, "output.kmeans_niter": 10}
+    if "report" in {f.name for f in fields(OutputConfig)}:
+        base["output.report"] = "false"  # the HTML page costs more than this whole run
+    base.update(kw)
+    train(load_config("demo_digits", overrides(tmp, data_root, **base)), DistState())
+    return tmp / "runs" / name
+
+
+def split_to_files(split_dir: Path, out: Path) -> dict[str, Path]:
+    """Every image of a shard split as a file `<key>.<ext>` in `out`, bytes as stored: key -> path."""
+    from scp_dist.data.reader import SampleReader
+    from scp_dist.shards.manifest import read_manifest
+
+    reader = SampleReader(read_manifest(split_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for i in range(len(reader)):
+        s = reader.read(i)
+        files[s.key] = out / f"{s.key}.{s.ext}"
+        files[s.key].write_bytes(s.image)
+    return files

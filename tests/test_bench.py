@@ -126,3 +126,15 @@ def test_markdown_created_when_missing(tmp_path):
     C.update_markdown(tmp_path / "none", md)
     text = md.read_text()
     assert text.startswith("# Benchmarks") and "No results yet" in text
+
+
+@pytest.mark.slow  # the recall part uses the session's tiny runs (trained first, seconds)
+def test_search_benchmark(out, tiny_runs):
+    main(["search", "--sizes", "500", "--dim", "16", "--queries", "8", "--single", "2", "--mixture-classes", "5",
+          "--nprobe", "1", "0", "--runs", str(tiny_runs["stream"]), *_io(out)])
+    d = check_result(out, "search", ["n", "dim", "single_ms", "batch_ms", "recall"])
+    assert d["rows"][0]["index"] == "flat" and d["rows"][1]["index"].startswith("ivf")
+    assert d["rows"][0]["recall"] == 1.0
+    rec = json.loads((out["results"] / f"search_recall-{H.host_kind()}.json").read_text())
+    assert [r["space"] for r in rec["rows"]] == ["features", "probs"]
+    assert all(0 <= r["same_label"] <= 1 for r in rec["rows"]) and "### `search_recall`" in out["md"].read_text()

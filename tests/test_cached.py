@@ -249,3 +249,39 @@ def test_several_heads_in_one_run_report_the_chosen_head_and_the_spread(tmp_path
     assert len({tuple(c[:200]) for c in pred.clusters[:3]}) == 3  # differently seeded heads differ
     rows = (tmp_path / "runs" / "digits0_seed0" / "assignments_train.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[1]) for r in rows[:50]] == pred.clusters[pick][:50].tolist()
+
+
+def test_budgets_cut_the_schedule_and_the_pairs_alike_on_any_data_size():
+    from omegaconf import OmegaConf
+
+    from scp_dist.feature_cache import pairs_to_extract
+    from scp_dist.schedule import epochs_run, schedule_steps
+
+    assert schedule_steps(200, 14, 3000) == 2800  # a small set keeps its epochs
+    assert schedule_steps(200, 468, 3000) == 3000 and epochs_run(200, 468, 3000) == 7  # a large one stops at the budget
+    assert schedule_steps(30, 97, 0) == 2910  # no budget: the epochs alone
+
+    def m(n: int, pairs: int = 10, budget: int = 20000, epochs: int = 200, step_budget: int = 3000) -> int:
+        cfg = OmegaConf.create({"cache": {"num_pairs": pairs, "pair_budget": budget},
+                                "train": {"epochs": epochs, "global_batch": 128, "step_budget": step_budget}})
+        return pairs_to_extract(cfg, n)
+
+    assert [m(1797), m(5000), m(9716), m(60000)] == [10, 4, 2, 1]
+    assert m(60000, budget=0) == 7  # 7 epochs reach pairs 0..6 only: pair 7.. would never be read
+    assert m(1797, budget=0, epochs=3, step_budget=0) == 3
+
+
+@pytest.mark.slow
+def test_a_step_budget_run_stops_mid_epoch_with_its_schedule_done_and_reads_only_budgeted_pairs(tmp_path, digits_root):
+    # 1797 digits, batch 256: 7 steps per epoch; 20 steps = epochs 1-2 whole and 6 steps of epoch 3.
+    cfg = cached_cfg(tmp_path, digits_root, **{"output.run_name": "b", "train.epochs": 5, "train.step_budget": 20,
+                                                "cache.num_pairs": 4, "cache.pair_budget": 2 * 1797})
+    train(cfg, DistState())
+    run = tmp_path / "runs" / "b"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r.get("kind") == "step"]
+    assert steps[-1]["step"] == 20 and steps[-1]["epoch"] == 2
+    assert steps[-1]["lr"] < 0.01 * cfg.optim.lr  # annealed over the budget, not over 5 epochs
+    assert torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=False)["reason"] == "step_budget"
+    pairs = sorted(p.name for p in (tmp_path / "cache").glob("seed*/train/pair-*.json"))
+    assert pairs == ["pair-000.json", "pair-001.json"]  # pair_budget // N = 2 of cache.num_pairs = 4

@@ -43,6 +43,8 @@ def test_override_and_types():
         (["backbone.name=resnet"], "backbone.name"),
         (["optim.lr=0"], "optim.lr"),
         (["backbone.max_batch=-1"], "backbone.max_batch"),
+        (["output.reprot=false"], "output.reprot"),  # typo of output.report
+        (["output.tensorboard=maybe"], "output.tensorboard"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -99,3 +101,25 @@ def test_config_is_read_only():
     cfg = load_config()
     with pytest.raises(Exception):  # noqa: B017 - omegaconf raises its own ReadonlyConfigError
         cfg.train.epochs = 3
+
+
+def _recipe(cfg) -> dict:
+    """Everything but what names the data: the data set's own keys and K."""
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("root", "name", "prepare", "test_split"):
+        d["data"].pop(key)
+    d["head"].pop("num_clusters")
+    d["output"].pop("run_name")  # derived from data.name
+    return d
+
+
+def test_the_small_set_configs_are_one_recipe():
+    # The default recipe is one recipe: the built-in sets differ in their data and K only, so a user
+    # pointing demo_digits_lite0 at new images runs what the benchmarks measured.
+    base = _recipe(load_config("demo_digits_lite0"))
+    for name in ("animals_lite0", "fashion_mnist_lite0", "mnist5k_lite0", "lfw_faces_lite0"):
+        assert _recipe(load_config(name)) == base, name
+    # the comparison sees a recipe key set for one data set
+    assert _recipe(load_config("animals_lite0", ["train.epochs=30"])) != base

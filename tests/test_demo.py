@@ -44,4 +44,8 @@ def test_demo_prints_scp_and_kmeans_on_the_same_features(tmp_path, config):
     run = summary["runs"][0]
     assert run["scp"]["acc"] > 0.2 and run["scp"]["nmi"] > 0.1 and run["kmeans"]["acc"] > 0.4
     assert (tmp_path / "runs" / f"{config}_seed0" / "eval.json").is_file()
+    # The last line points at the run's report page (output.report=true by default).
+    page = tmp_path / "runs" / f"{config}_seed0" / "report" / "index.html"
+    assert out.strip().splitlines()[-1].startswith("report (seed 0): ") and str(page.resolve()) in out
+    assert page.is_file() and summary["runs"][0]["run"].endswith(f"{config}_seed0")
     assert (tmp_path / "data" / "digits" / "train" / "manifest.json").is_file()  # the project's shard writer

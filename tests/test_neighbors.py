@@ -36,6 +36,13 @@ def test_knn_table_is_the_exact_cosine_neighbours_without_self():
     assert got.shape == (300, 5) and (got != np.arange(300)[:, None]).all()
     assert (got == want).mean() > 0.99  # float ties may swap a pair; the sets must agree
     assert all(set(g) == set(w) for g, w in zip(got, want, strict=True))
+    # Exact duplicates tie with the query itself, which faiss may then list second: still dropped,
+    # and each duplicate is the other's nearest.
+    x[[11, 12, 13]] = x[10]
+    got = knn_table(x, 5)
+    assert (got != np.arange(300)[:, None]).all()
+    for i in (10, 11, 12, 13):
+        assert set(got[i][:3]) == {10, 11, 12, 13} - {i}
 
 
 def test_partners_depend_on_seed_and_epoch_only_and_p_sets_the_share():

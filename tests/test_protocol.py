@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.bench, pytest.mark.multiprocess]
 SHORT = ["train.epochs=2", "cache.num_pairs=1", "head.num_heads=3", "head.select=consensus",
-         "backbone.image_size=32"]
+         "backbone.image_size=32", "output.report=false"]  # the page has its own tests (tests/test_report.py)
 
 
 def _protocol(cwd: Path, config: str, *overrides: str) -> dict:

@@ -416,3 +416,18 @@ def test_the_running_marginal_estimate_is_checkpointed_and_resumed(tmp_path, dig
     train(_cfg(tmp_path, digits_root, **{**ema, "output.run_name": "r"}), DistState())
     _assert_same_head(tmp_path / "runs" / "ref", tmp_path / "runs" / "r")
     assert _steps(tmp_path / "runs" / "r") == _steps(tmp_path / "runs" / "ref")
+
+
+def test_a_key_newer_than_the_checkpoint_is_no_difference_at_its_default(tmp_path):
+    # A run written before train.step_budget existed ran without a budget: it resumes (or is
+    # re-evaluated) while the key stays at its default, and is refused once the key is set.
+    from scp_dist.config import schema_defaults
+
+    save_checkpoint(tmp_path, {"step": 1, "fingerprint": {"a": 1}}, keep=2)
+    defaults = schema_defaults()
+    assert defaults["train.step_budget"] == 0
+    assert load_latest(tmp_path, {"a": 1, "train.step_budget": 0}, defaults)[0]["step"] == 1
+    with pytest.raises(CheckpointError, match=r"train.step_budget \(None -> 3000\)"):
+        load_latest(tmp_path, {"a": 1, "train.step_budget": 3000}, defaults)
+    with pytest.raises(CheckpointError, match="train.step_budget"):  # without the defaults: refused
+        load_latest(tmp_path, {"a": 1, "train.step_budget": 0})

