@@ -131,9 +131,12 @@ def test_rerun_skips_done_work_redoes_missing_and_refuses_other_configs(tmp_path
     _extract(cfg)
     assert load_kind(root / "seed0", "train", "pair-000").feats.shape == (2, 1797, 192)
     assert unchanged({"pair-000.w001.r000.npy", "pair-000.w001.r000.meta.npz"})
-    # More pairs reuse the ones there; another augmentation is refused.
+    # More pairs (for a run with the epochs to read them) reuse the ones there; another augmentation
+    # is refused.
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     _extract(cached_cfg(tmp_path, digits_root, **{"cache.num_pairs": 3}))
+    assert not (train_dir / "pair-002.json").exists()  # 2 epochs read pairs 0 and 1 only
+    _extract(cached_cfg(tmp_path, digits_root, **{"cache.num_pairs": 3, "train.epochs": 3}))
     assert (train_dir / "pair-002.json").is_file()
     assert unchanged(set())
     # Speed-only backbone settings keep the cache.

@@ -15,8 +15,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.bench, pytest.mark.multiprocess]
-SHORT = ["train.epochs=2", "cache.num_pairs=1", "head.num_heads=3", "head.select=consensus",
-         "backbone.image_size=32", "output.report=false"]  # the page has its own tests (tests/test_report.py)
+# A slice, not the protocol: at most 30 steps per seed (the recipe's batch of 128 makes two epochs of
+# animal-mnist 150 steps), one view pair, 32 px, no report page (tests/test_report.py has its own).
+SHORT = ["train.epochs=2", "train.step_budget=30", "cache.num_pairs=1", "head.num_heads=3", "head.select=consensus",
+         "backbone.image_size=32", "output.report=false"]
 
 
 def _protocol(cwd: Path, config: str, *overrides: str) -> dict:
