@@ -10,6 +10,7 @@ import datetime
 import gc
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -204,3 +205,23 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def gather_sample(local: Any, size: int, seed: Any, st: DistState) -> tuple[int, Any, list | None]:
+    """A seeded uniform sample of at most `size` rows of an array split across ranks in canonical
+    order (each rank holds its contiguous part, `local`), gathered to rank 0 without the rest
+    travelling. Collective. Returns (total rows, the sampled row positions in canonical order, every
+    rank's sampled rows on rank 0 / None elsewhere); the sample depends on `seed` and the total only,
+    so it is the same on any world size."""
+    import numpy as np
+
+    counts = broadcast_object(gather_objects(len(local)))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n = int(offsets[-1])
+    pick = None
+    if st.is_main:
+        m = min(n, size)
+        pick = np.arange(n) if m == n else np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
+    pick = broadcast_object(pick)
+    lo, hi = offsets[st.rank], offsets[st.rank + 1]
+    return n, pick, gather_objects(local[pick[(pick >= lo) & (pick < hi)] - lo])

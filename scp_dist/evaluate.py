@@ -122,21 +122,11 @@ def kmeans_baseline(cfg: DictConfig, st: D.DistState, local: dict[str, np.ndarra
     others None."""
     k = cfg.head.num_clusters
     train = local[cfg.data.train_split]
-    counts = D.broadcast_object(D.gather_objects(len(train)))
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    n = int(offsets[-1])
+    n, _, rows = D.gather_sample(train, k * cfg.output.kmeans_max_points, cfg.train.seed, st)
     if n < k:  # train.check_data refuses K > the data set; here samples were skipped on top of that
         if st.is_main:
             log.warning("no k-means baseline: %d readable training samples for %d clusters", n, k)
         return None
-    sample = None
-    if st.is_main:
-        m = min(n, k * cfg.output.kmeans_max_points)
-        sample = np.arange(n) if m == n else np.sort(np.random.default_rng(cfg.train.seed).choice(n, m, replace=False))
-    sample = D.broadcast_object(sample)
-    lo, hi = offsets[st.rank], offsets[st.rank + 1]
-    mine = sample[(sample >= lo) & (sample < hi)] - lo
-    rows = D.gather_objects(train[mine])
     centroids = None
     if st.is_main:
         x = np.concatenate([r for r in rows if len(r)])

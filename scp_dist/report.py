@@ -70,19 +70,8 @@ def gather_feature_sample(cfg: DictConfig, st: D.DistState, local: np.ndarray | 
     calls it with its own evaluation range's features (`local`, in canonical order). Returns
     (rows, features) on rank 0, None on the others."""
     local = np.zeros((0, 1), np.float32) if local is None else local
-    counts = D.broadcast_object(D.gather_objects(len(local)))
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    n = int(offsets[-1])
-    rows = None
-    if st.is_main:
-        m = min(n, max_points)
-        # Its own stream: the k-means sample is drawn from train.seed alone and must not change.
-        rng = np.random.default_rng([cfg.train.seed, 0x5E9])
-        rows = np.arange(n) if m == n else np.sort(rng.choice(n, m, replace=False))
-    rows = D.broadcast_object(rows)
-    lo, hi = offsets[st.rank], offsets[st.rank + 1]
-    mine = rows[(rows >= lo) & (rows < hi)] - lo
-    parts = D.gather_objects(local[mine])
+    # Its own seed stream: the k-means sample is drawn from train.seed alone and must not change.
+    _, rows, parts = D.gather_sample(local, max_points, [cfg.train.seed, 0x5E9], st)
     if parts is None:
         return None
     parts = [p for p in parts if len(p)]
