@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Install what is missing into .venv (idempotent: a stamp of pyproject.toml skips a second install).
-#   EXTRAS=cpu,dev,weights,report (default)   CPU hosts, CI
-#   EXTRAS=gpu,dev,report                   GPU hosts (faiss-gpu instead of faiss-cpu; never both)
+#   EXTRAS=cpu,dev,weights,report,remote (default)   CPU hosts, CI
+#   EXTRAS=gpu,dev,report,remote                   GPU hosts (faiss-gpu instead of faiss-cpu; never both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${EXTRAS:-cpu,dev,weights,report}"
+EXTRAS="${EXTRAS:-cpu,dev,weights,report,remote}"
 PY="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -15,8 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scp_dist.data.plan import ORDERS
+from scp_dist.data.remote import (
+    RemoteOptions,
+    is_remote,
+    is_shard_set,
+    manifest_digest,
+    root_name,
+    split_location,
+)
 from scp_dist.errors import ConfigError as ConfigError  # raised by the data path too: defined below it
-from scp_dist.shards.manifest import manifest_digest
 from scp_dist.shards.sources import BUILTIN
 
 # Inside the package so an installed wheel resolves configs by name; the top-level configs/ links here.
@@ -25,6 +32,7 @@ PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # cache and lets a checkpoint resume.
 BACKBONE_SPEED_ONLY = ("compile", "channels_last", "max_batch", "shrink_on_oom")
 LOADERS = ("auto", "dali", "torch")
+ACCESS = ("auto", "random", "stream")
 HEAD_SELECT = ("loss", "agreement", "consensus")
 RESUME = ("false", "true", "auto")
 
@@ -42,7 +50,25 @@ class DataConfig:
     # random order, shuffled only inside windows of shuffle_buffer samples, for storage that reads
     # sequentially; its batches are only as random as the shards (data/plan.py).
     order: str = "global"
-    shuffle_buffer: int = 2048  # order=windowed only
+    # order=windowed: the shuffle window. Streamed shards (data.access=stream): the samples each rank
+    # holds in its shuffle buffer (split among its workers); how random its batches are for a given
+    # size is measured in docs/STREAMING.md.
+    shuffle_buffer: int = 2048
+    # data.root may also be an http(s):// or s3:// prefix, a brace set of shard URLs
+    # (https://host/p/shard-{000000..000999}.tar) or a pipe: command (scp_dist/data/remote.py).
+    # auto: random access (the global order) for local folders, and for remote ones with a manifest,
+    # .idx files and range requests; stream otherwise. random: refuse anything else. stream: shards
+    # read front to back, assigned to ranks by a (seed, epoch) permutation (scp_dist/data/stream.py).
+    access: str = "auto"
+    timeout_s: float = 60.0  # longest wait for a byte of a remote shard; then the connection counts as dropped
+    retries: int = 3  # re-opens per shard of a dropped connection (HTTP resumes at the byte it lost)
+    # fsspec/s3fs options for s3:// (endpoint_url, key, secret, client_kwargs, ...); without them
+    # botocore's usual sources (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ~/.aws).
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    # Local copies of streamed remote shards ("" = none), shared by the ranks of a node: later epochs
+    # read them from disk. At most cache_max_gb (least recently used removed first; 0 = no bound).
+    cache_dir: str = ""
+    cache_max_gb: float = 50.0
     on_error: str = "skip"  # skip | raise: what a corrupt or missing sample does
     # Full sha256 of every shard against the manifest when a loader starts (each rank hashes its
     # share); off, only each shard's size and index count are checked, which costs a stat per shard.
@@ -299,7 +325,7 @@ def _derive_names(cfg: DictConfig) -> None:
     """Names left empty come from the data and the seed, so each data set and seed gets its own run
     folder and its own label in the printed scores."""
     if not cfg.data.name:
-        cfg.data.name = Path(cfg.data.root).resolve().name or "data"
+        cfg.data.name = root_name(cfg.data.root) or "data"
     if not cfg.output.run_name:
         cfg.output.run_name = f"{cfg.data.name}_seed{cfg.train.seed}"
 
@@ -355,6 +381,18 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.data.on_error in ("skip", "raise"), "data.on_error", "skip|raise")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _check(cfg.data.access in ACCESS, "data.access", f"{cfg.data.access!r} is not one of {'|'.join(ACCESS)}")
+    _check(cfg.data.timeout_s > 0, "data.timeout_s", f"must be > 0, got {cfg.data.timeout_s}")
+    _check(cfg.data.retries >= 0, "data.retries", f"must be >= 0, got {cfg.data.retries}")
+    _check(cfg.data.cache_max_gb >= 0, "data.cache_max_gb", "must be >= 0 (0: no bound)")
+    _check(not (is_shard_set(cfg.data.root) and cfg.data.test_split), "data.test_split",
+           f"data.root {cfg.data.root!r} names the training split's shards, so there is no other split: set "
+           "data.test_split= (or make data.root the folder holding the splits)")
+    _check(not (is_remote(cfg.data.root) and cfg.train.mode == "cached"), "train.mode",
+           f"cached mode reads its shards from a local folder; data.root {cfg.data.root!r} is remote "
+           "(train.mode=stream, or copy the shards to a local folder)")
+    _check(not (is_shard_set(cfg.data.root) and cfg.data.access == "random"), "data.access",
+           "random access needs a folder or URL prefix with a manifest, not a shard set")
     _check(bool(cfg.data.root), "data.root", "must name the dataset directory")
     _check(cfg.data.prepare in ("", *BUILTIN), "data.prepare",
            f"unknown built-in data set {cfg.data.prepare!r} ({'|'.join(BUILTIN)} or empty)")
@@ -419,6 +457,7 @@ def backbone_identity(backbone: DictConfig) -> dict:
 # training (head.select). Every other key changes the trained head, and a resume refuses it.
 RESUME_FREE = (
     "data.name", "data.root", "data.test_split", "data.num_workers", "data.on_error", "data.prepare", "data.verify",
+    "data.timeout_s", "data.retries", "data.storage_options.", "data.cache_dir", "data.cache_max_gb",
     *(f"backbone.{k}" for k in BACKBONE_SPEED_ONLY), "head.select",
     "train.resume", "train.max_steps", "train.log_every", "train.eval_batch", "train.device",
     "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints",
@@ -447,5 +486,6 @@ def config_fingerprint(cfg: DictConfig) -> dict:
     flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
     fp = {k: v for k, v in flat.items() if not any(k == f or (f.endswith(".") and k.startswith(f))
                                                   for f in RESUME_FREE)}
-    fp["data.train_manifest"] = manifest_digest(Path(cfg.data.root) / cfg.data.train_split)
+    fp["data.train_manifest"] = manifest_digest(split_location(cfg.data.root, cfg.data.train_split),
+                                                RemoteOptions.from_config(cfg.data))
     return fp

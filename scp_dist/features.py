@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 
 from scp_dist import distributed as D
 from scp_dist.data import plan as P
-from scp_dist.data.loader import TrainLoader, build_eval_loader, build_train_loader
+from scp_dist.data.loader import TrainLoader
+from scp_dist.data.stream import StreamTrainLoader, open_eval_loader, open_train_loader
 from scp_dist.feature_cache import (
     SplitFeatures,
     cache_dir,
@@ -53,18 +54,32 @@ class StreamFeatures:
 
     def __init__(self, cfg: DictConfig, st: D.DistState, backbone: Backbone, precision: str) -> None:
         self.cfg, self.st, self.backbone, self.precision = cfg, st, backbone, precision
-        self.loader: TrainLoader = build_train_loader(
-            Path(cfg.data.root) / cfg.data.train_split, cfg.data, cfg.augment, world_size=st.world_size,
+        # Random access (local, or remote by range requests) or streamed shards (data/stream.py).
+        self.loader: TrainLoader | StreamTrainLoader = open_train_loader(
+            cfg.data.root, cfg.data.train_split, cfg.data, cfg.augment, world_size=st.world_size,
             rank=st.rank, global_batch=cfg.train.global_batch, image_size=backbone.image_size,
             mean=backbone.mean, std=backbone.std, seed=cfg.train.seed, device=st.device)
-        self.num_samples = self.loader.manifest.num_samples
         self.stats = self.loader.stats
+
+    @property
+    def num_samples(self) -> int:
+        loader = self.loader
+        return loader.num_samples if isinstance(loader, StreamTrainLoader) else loader.manifest.num_samples
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.loader.set_epoch(epoch, start)
+
+    def state_dict(self) -> dict | None:
+        """What a mid-epoch resume needs beyond the step (streamed shards: the samples used so far);
+        collective, every rank calls it. None for random access: the plan is a function of the step."""
+        return self.loader.state_dict() if isinstance(self.loader, StreamTrainLoader) else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if isinstance(self.loader, StreamTrainLoader):
+            self.loader.load_state_dict(state)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return backbone_forward(self.backbone, x, self.st.device, self.precision)
@@ -74,8 +89,8 @@ class StreamFeatures:
             yield self._forward(torch.cat(batch.views)), len(batch.keys)  # [a; b], one backbone call
 
     def eval_batches(self, split: str) -> Iterator[EvalBatch]:
-        loader = build_eval_loader(
-            Path(self.cfg.data.root) / split, self.cfg.data, world_size=self.st.world_size, rank=self.st.rank,
+        loader = open_eval_loader(
+            self.cfg.data.root, split, self.cfg.data, world_size=self.st.world_size, rank=self.st.rank,
             batch_size=self.cfg.train.eval_batch, image_size=self.backbone.image_size, mean=self.backbone.mean,
             std=self.backbone.std, device=self.st.device)
         for batch in progress(loader, self.st.is_main, desc=f"eval {split}"):

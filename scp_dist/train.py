@@ -34,6 +34,8 @@ from scp_dist.config import (
     schema_defaults,
 )
 from scp_dist.data.batch import DataError
+from scp_dist.data.remote import split_location
+from scp_dist.data.stream import split_size
 from scp_dist.errors import USER_ERRORS
 from scp_dist.evaluate import kmeans_baseline, predict, report
 from scp_dist.features import FeatureSource, build_source
@@ -54,7 +56,7 @@ from scp_dist.runlog import (
     stage,
 )
 from scp_dist.schedule import lr_at, schedule_steps
-from scp_dist.shards.manifest import ShardError, read_manifest
+from scp_dist.shards.manifest import ShardError
 from scp_dist.shards.sources import builtin_to_prepare
 from scp_dist.signals import EXIT_REQUEUE as EXIT_REQUEUE  # the launchers' contract
 from scp_dist.signals import Preempted, StopSignals
@@ -81,18 +83,19 @@ def prepare_data(cfg: DictConfig, st: D.DistState) -> None:
 
 def check_data(cfg: DictConfig) -> None:
     """What would otherwise fail after the backbone has loaded, or after training: checked first."""
-    root = Path(cfg.data.root)
-    n = read_manifest(root / cfg.data.train_split).num_samples
-    if n < cfg.train.global_batch:
+    root = cfg.data.root
+    where = split_location(root, cfg.data.train_split)
+    n = split_size(root, cfg.data.train_split, cfg.data)  # None: streamed shards without counts (learned)
+    if n is not None and n < cfg.train.global_batch:
         raise ConfigError(f"config key 'train.global_batch': {cfg.train.global_batch} is more than the {n} "
-                          f"samples of {root / cfg.data.train_split}; set train.global_batch <= {n} (each epoch "
+                          f"samples of {where}; set train.global_batch <= {n} (each epoch "
                           "drops its last partial batch)")
-    if n < cfg.head.num_clusters:  # no clustering to learn, and the k-means baseline would be dropped
+    if n is not None and n < cfg.head.num_clusters:  # no clustering to learn, and the k-means baseline would be dropped
         raise ConfigError(f"config key 'head.num_clusters': {cfg.head.num_clusters} clusters are more than the {n} "
-                          f"samples of {root / cfg.data.train_split}; set head.num_clusters <= {n}")
+                          f"samples of {where}; set head.num_clusters <= {n}")
     if cfg.data.test_split:
         try:
-            read_manifest(root / cfg.data.test_split)
+            split_size(root, cfg.data.test_split, cfg.data)
         except ShardError as e:
             raise ConfigError(f"config key 'data.test_split': {e}; set data.test_split= to evaluate on "
                               "the training split only") from e
@@ -155,6 +158,8 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
     nonfinite = torch.zeros((), dtype=torch.bool, device=st.device)
     if resume_state is not None:
         state.load_state_dict(resume_state)
+        if hasattr(source, "load_state_dict"):  # streamed shards: which samples the epoch has used
+            source.load_state_dict(resume_state.get("data"))
         if state.resumed_world_size != st.world_size and cfg.data.order == "windowed" and state.step_in_epoch:
             log.warning("resuming mid-epoch on %d ranks a checkpoint of %d: with data.order=windowed the rest "
                         "of epoch %d reads other samples than the first run would", st.world_size,
@@ -179,9 +184,10 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
         nonlocal last_save
         check_finite()  # never a checkpoint of a diverged head
         last_save = time.monotonic()
+        data = source.state_dict() if hasattr(source, "state_dict") else None  # collective: every rank
         if not st.is_main:
             return None
-        path = state.save(out_dir, reason, fingerprint, keep=cfg.train.keep_checkpoints)
+        path = state.save(out_dir, reason, fingerprint, keep=cfg.train.keep_checkpoints, data=data)
         # Epoch-end and periodic checkpoints are routine (a line per epoch floods short runs' logs).
         (log.debug if reason in ("epoch end", "periodic") else log.info)("checkpoint %s (%s)", path, reason)
         return path
@@ -229,11 +235,12 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
                     # workers of a node as soon as one exits. Cannot hang: every rank just agreed.
                     D.barrier()
                     raise Preempted(signum, f"at step {state.step}" + (f"; checkpoint {path}" if path else ""))
-                if state.step >= stop_at and state.step_in_epoch < steps_per_epoch:
+                if state.step >= stop_at and state.step_in_epoch < len(source):
                     break  # max_steps or step_budget inside an epoch: every rank sees the same stop_at
-                if periodic_due() and state.step_in_epoch < steps_per_epoch:
+                if periodic_due() and state.step_in_epoch < len(source):
                     save("periodic")
-            if state.step_in_epoch < steps_per_epoch:  # stopped inside the epoch: train.max_steps or step_budget
+            # len(source) again: a stream without sample counts knows its epoch's length only at its end
+            if state.step_in_epoch < len(source):  # stopped inside the epoch: train.max_steps or step_budget
                 state.close_epoch_losses()
                 save("max_steps" if stop_at < total_steps else "step_budget")
                 break

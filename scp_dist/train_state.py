@@ -77,10 +77,12 @@ class TrainState:
         self.loss_sum = torch.tensor(s["loss_sum"], device=self.loss_sum.device)
         self.resumed_world_size = s["world_size"]
 
-    def save(self, run: Path, reason: str, fingerprint: dict[str, Any], keep: int) -> Path:
+    def save(self, run: Path, reason: str, fingerprint: dict[str, Any], keep: int, data: dict | None = None) -> Path:
         """The checkpoint of the current step in `run` (the newest `keep` kept); `fingerprint` is what
-        checkpoint.load_latest compares a resume's config with."""
-        return save_checkpoint(run, {**self.state_dict(), "reason": reason, "fingerprint": fingerprint}, keep=keep)
+        checkpoint.load_latest compares a resume's config with; `data` the feature source's own
+        resume state (streamed shards: the samples the epoch has used), under "data"."""
+        return save_checkpoint(run, {**self.state_dict(), "reason": reason, "fingerprint": fingerprint,
+                                     "data": data}, keep=keep)
 
 
 def _rng_states() -> dict[str, Any]:

@@ -138,3 +138,14 @@ def test_search_benchmark(out, tiny_runs):
     rec = json.loads((out["results"] / f"search_recall-{H.host_kind()}.json").read_text())
     assert [r["space"] for r in rec["rows"]] == ["features", "probs"]
     assert all(0 <= r["same_label"] <= 1 for r in rec["rows"]) and "### `search_recall`" in out["md"].read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_streaming_benchmark(out):
+    main(["streaming", "--n", "24", "--width", "64", "--height", "48", "--shard-size", "6", "--image-size", "16",
+          "--batch", "6", "--workers", "0", "--repeats", "1", "--cache-dir", str(out["cache"]), *_io(out)])
+    d = check_result(out, "streaming", ["read_per_s", "img_per_s", "read_vs_local", "loader_vs_local"])
+    assert [r["source"] for r in d["rows"]] == ["local", "HTTP, range requests", "HTTP", "HTTP, cached (epoch 2)",
+                                                "S3 (moto), ranges", "S3 (moto)"]
+    assert all(r["timed_images"] == 18 for r in d["rows"])  # 4 batches of 6, the first is warm-up

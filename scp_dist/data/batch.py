@@ -24,6 +24,7 @@ class Batch:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, key, detail)
     raw: list[RawSample] | None = None  # dali backend: bytes still to be decoded
     indices: list[int] = field(default_factory=list)  # global sample index (canonical order) of each key
+    ends: list[tuple[int, int]] = field(default_factory=list)  # streamed chunks: (shard, samples) of shards read to their end
 
 
 class LoaderStats:

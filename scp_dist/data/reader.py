@@ -6,6 +6,10 @@ shard, truncated tar, sample without an image, bad label) so the loader can coun
 or stop. A shard that is not the one the manifest describes (longer, other sample count, other
 sha256 when asked) is no sample problem but a wrong data set: it stops the job (SHARD_MISMATCH).
 
+A split fetched from http(s):// or s3:// (a manifest with `url`, scp_dist/data/remote.py) is read
+the same way through byte-range requests: the .idx beside each shard is fetched once, and each
+sample costs one request covering its label and image members, so batches equal the local ones.
+
 Nothing is ever written into the data set: a shard without an index (copied from elsewhere, or on a
 read-only mount) is indexed in memory, and the index is kept under the user's cache directory
 ($XDG_CACHE_HOME/scp_dist/index) when that is writable, so later processes skip the tar scan.
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scp_dist.data.remote import RemoteOptions, fetch, read_range
 from scp_dist.fileio import atomic_write_text
 from scp_dist.shards.format import IndexEntry, index_path, index_text, indexed_count, parse_index
 from scp_dist.shards.manifest import Manifest, ShardError, shard_problem
@@ -51,6 +56,18 @@ class RawSample:
     label: int  # -1 when unlabeled
     error: str | None = None  # one of SKIP_REASONS, or SHARD_MISMATCH
     detail: str = ""
+
+
+def parse_label(text: bytes, num_classes: int, where: str) -> int | str:
+    """A `.cls` member's label, or why it is bad. Metrics count every label >= 0 as a class, so one
+    outside the manifest's classes (when it declares any) would invent a class."""
+    try:
+        label = int(text.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        return f"{where}: label {text[:20]!r} is not an integer"
+    if num_classes and not (label == -1 or 0 <= label < num_classes):
+        return f"{where}: label {label} outside 0..{num_classes - 1} (the manifest declares {num_classes} classes)"
+    return label
 
 
 def index_cache_path(tar: Path, st: os.stat_result) -> Path:
@@ -97,6 +114,8 @@ def check_shards(manifest: Manifest, verify: bool = False, part: tuple[int, int]
     """Raise ShardError naming the first shard that is not the one the manifest describes: always
     its size and its index's sample count (a stat and one line each); with verify also the sha256 of
     the shards of `part` = (rank, world), so the ranks share the reading."""
+    if manifest.url is not None:  # remote: sizes and counts are checked as each shard's index arrives
+        return
     rank, world = part
     for s, (path, info) in enumerate(zip(manifest.shard_paths(), manifest.shards, strict=True)):
         stamp = _stamp(path) if verify and s % world == rank else None
@@ -118,9 +137,12 @@ class SampleReader:
 
     Construction checks every shard's size and index count against the manifest (check_shards)."""
 
-    def __init__(self, manifest: Manifest, verify: bool = False, part: tuple[int, int] = (0, 1)) -> None:
+    def __init__(self, manifest: Manifest, verify: bool = False, part: tuple[int, int] = (0, 1),
+                 remote: RemoteOptions | None = None) -> None:
         self.manifest = manifest
-        self.paths = manifest.shard_paths()
+        self.remote = (remote or RemoteOptions()) if manifest.url is not None else None
+        self.urls = manifest.shard_urls()
+        self.paths = [Path(u) for u in self.urls] if self.remote is not None else manifest.shard_paths()
         self.counts = [s.num_samples for s in manifest.shards]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.num_classes = manifest.num_classes
@@ -132,8 +154,25 @@ class SampleReader:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def _open_remote_shard(self, s: int) -> list[IndexEntry] | tuple[str, str]:
+        url, info = self.urls[s], self.manifest.shards[s]
+        idx = url[: -len(".tar")] + ".idx"
+        try:
+            text = fetch(idx, self.remote)
+            if text is None:
+                return BAD_SHARD, (f"{idx}: not found; random access to remote shards needs the .idx beside "
+                                   "each (data.access=stream reads without them)")
+            entries = parse_index(text.decode(), idx)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            return MISSING_SHARD, f"{url}: unreachable ({type(e).__name__}: {e})"
+        if len(entries) != info.num_samples:
+            return SHARD_MISMATCH, _count_problem(Path(url), len(entries), info.num_samples)
+        return entries
+
     def _open_shard(self, s: int) -> list[IndexEntry] | tuple[str, str]:
         """The shard's entries, or (reason, detail) for all its samples."""
+        if self.remote is not None:
+            return self._open_remote_shard(s)
         tar, info = self.paths[s], self.manifest.shards[s]
         try:
             st = tar.stat()
@@ -156,6 +195,8 @@ class SampleReader:
         return self._entries[s]
 
     def _read(self, s: int, offset: int, size: int) -> bytes:
+        if self.remote is not None:
+            return self._read_remote(s, offset, size)
         if os.getpid() != self._pid:
             self._files, self._pid = {}, os.getpid()
         f = self._files.get(s)
@@ -167,20 +208,22 @@ class SampleReader:
             raise EOFError(f"{self.paths[s]}: wanted {size} bytes at {offset}, got {len(data)}")
         return data
 
-    def _label(self, s: int, e: IndexEntry) -> int | str:
-        """The sample's label (-1 without a .cls), or why it is bad. Metrics count every label >= 0
-        as a class, so one outside the manifest's classes would invent a class."""
-        if e.cls is None:
-            return -1
-        text = self._read(s, *e.cls)
-        try:
-            label = int(text.decode().strip())
-        except (UnicodeDecodeError, ValueError):
-            return f"{self.paths[s]}: label {text[:20]!r} is not an integer"
-        if self.num_classes and not (label == -1 or 0 <= label < self.num_classes):
-            return (f"{self.paths[s]}: label {label} outside 0..{self.num_classes - 1} "
-                    f"(the manifest declares {self.num_classes} classes)")
-        return label
+    def _members(self, s: int, e: IndexEntry) -> tuple[bytes | None, bytes | None]:
+        """The sample's (label text, image bytes), None where it has no such member. Remote: one
+        range request spanning both (they are neighbours in the tar), not one per member."""
+        parts = [p for p in (e.cls, e.image and e.image[1:]) if p is not None]
+        if self.remote is None or len(parts) < 2:
+            return (self._read(s, *e.cls) if e.cls else None, self._read(s, *e.image[1:]) if e.image else None)
+        lo = min(off for off, _ in parts)
+        span = self._read(s, lo, max(off + size for off, size in parts) - lo)
+        cut = [span[off - lo: off - lo + size] for off, size in (e.cls, e.image[1:])]
+        return cut[0], cut[1]
+
+    def _read_remote(self, s: int, offset: int, size: int) -> bytes:
+        data = read_range(self.urls[s], offset, size, self.remote)
+        if len(data) != size:
+            raise EOFError(f"{self.urls[s]}: wanted {size} bytes at {offset}, got {len(data)}")
+        return data
 
     def read(self, index: int) -> RawSample:
         s = int(np.searchsorted(self.offsets, index, side="right") - 1)
@@ -193,12 +236,12 @@ class SampleReader:
                              f"{self.paths[s]} holds {len(entries)} samples, the manifest says {self.counts[s]}")
         e = entries[pos]
         try:
-            label = self._label(s, e)
+            text, image = self._members(s, e)
+            label = -1 if text is None else parse_label(text, self.num_classes, str(self.urls[s]))
             if isinstance(label, str):
                 return RawSample(index, e.key, None, "", -1, BAD_LABEL, label)
             if e.image is None:
-                return RawSample(index, e.key, None, "", label, MISSING_IMAGE, f"{self.paths[s]}: {e.key} has no image")
-            ext, off, size = e.image
-            return RawSample(index, e.key, self._read(s, off, size), ext, label)
+                return RawSample(index, e.key, None, "", label, MISSING_IMAGE, f"{self.urls[s]}: {e.key} has no image")
+            return RawSample(index, e.key, image, e.image[0], label)
         except (OSError, EOFError) as err:
             return RawSample(index, e.key, None, "", -1, TRUNCATED, str(err))

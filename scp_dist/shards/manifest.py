@@ -58,6 +58,9 @@ class Manifest:
     order_seed: int | None = None
     # Directory the manifest was read from; not serialised.
     root: Path | None = None
+    # URL of the split (http(s)://, s3://) when the manifest was fetched from remote storage
+    # (scp_dist/data/remote.py); not serialised.
+    url: str | None = None
 
     @property
     def labeled(self) -> bool:
@@ -67,9 +70,16 @@ class Manifest:
         assert self.root is not None, "manifest was not read from disk"
         return [self.root / s.name for s in self.shards]
 
+    def shard_urls(self) -> list[str]:
+        """Where each shard is: a URL beside a fetched manifest, else the local path as text."""
+        if self.url is not None:
+            return [f"{self.url.rstrip('/')}/{s.name}" for s in self.shards]
+        return [str(p) for p in self.shard_paths()]
+
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("root")
+        d.pop("url")
         return d
 
 
@@ -177,6 +187,25 @@ def _warn_if_class_sorted(m: Manifest, path: Path) -> None:
         "(shuffled at write time), or keep data.order=global.", m.root, why, cli)
 
 
+def parse_manifest(text: str, where: str | os.PathLike, root: Path | None = None, url: str | None = None) -> Manifest:
+    """A manifest from its JSON text, checked; errors name `where` (a file or a URL)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{where} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise ShardError(f"{where}: format {got!r}, expected {FORMAT!r}")
+    shards = [ShardInfo(**s) for s in raw.pop("shards")]
+    raw.pop("format")
+    m = Manifest(**raw, shards=shards, root=root, url=url)
+    if m.num_samples != sum(s.num_samples for s in shards):
+        raise ShardError(f"{where}: num_samples {m.num_samples} != sum over shards")
+    if m.num_samples == 0:
+        raise ShardError(f"{where}: the split has no samples")
+    return m
+
+
 def read_manifest(split_dir: str | os.PathLike, check_files: bool = True) -> Manifest:
     """Read and sanity-check a split's manifest; errors say which directory and what is wrong."""
     split_dir = Path(split_dir)
@@ -193,21 +222,9 @@ def read_manifest(split_dir: str | os.PathLike, check_files: bool = True) -> Man
         raise ShardError(
             f"{split_dir} has no {MANIFEST_NAME}: {hint}. Write shards with `python -m scp_dist.shards`."
         )
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path} is not valid JSON: {e}") from e
-    if raw.get("format") != FORMAT:
-        raise ShardError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
-    shards = [ShardInfo(**s) for s in raw.pop("shards")]
-    raw.pop("format")
-    m = Manifest(**raw, shards=shards, root=split_dir)
-    if m.num_samples != sum(s.num_samples for s in shards):
-        raise ShardError(f"{path}: num_samples {m.num_samples} != sum over shards")
-    if m.num_samples == 0:
-        raise ShardError(f"{path}: the split has no samples")
+    m = parse_manifest(path.read_text(), path, root=split_dir)
     if check_files:
-        missing = [s.name for s in shards if not (split_dir / s.name).is_file()]
+        missing = [s.name for s in m.shards if not (split_dir / s.name).is_file()]
         if missing:
             raise ShardError(f"{split_dir}: {len(missing)} shard(s) listed in the manifest are missing: {missing[:5]}")
     _warn_if_class_sorted(m, path)

@@ -1,0 +1,90 @@
+"""Refinements applied after training, measured on finished cached runs (training split, labels used
+only to score): kNN smoothing of the head's probabilities and Lloyd iterations started from the
+head's clusters. Both lost (docs/RESULTS.md, "After SCP, and a lower learning rate"); this script
+keeps the measurement repeatable.
+
+    python benchmarks/posthoc.py runs/digits_seed0 runs/lfw_faces_seed0 [--out results.json]
+
+- kNN smoothing: P <- a·P0 + (1 - a)·mean of P over each image's k nearest neighbours in the frozen
+  feature space (10 iterations of label propagation, k in 5, 10, a in 0.5, 0.2), and a one-shot vote
+  P0 + sum of the neighbours' P0.
+- Lloyd: k-means iterations on the frozen features started at the means of the head's clusters
+  (1, 3, 10, 50 iterations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if not __package__:  # `python benchmarks/posthoc.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scp_dist import distributed as D  # noqa: E402
+from scp_dist.checkpoint import newest_readable  # noqa: E402
+from scp_dist.config import load_config  # noqa: E402
+from scp_dist.feature_cache import cache_dir, load_kind  # noqa: E402
+from scp_dist.metrics import clustering_scores  # noqa: E402
+from scp_dist.neighbors import load_or_build  # noqa: E402
+from scp_dist.train import build_head  # noqa: E402
+
+
+def _acc(labels: np.ndarray, clusters: np.ndarray) -> float:
+    return round(100 * clustering_scores(labels, clusters)["acc"], 2)
+
+
+def refine(run: Path, st: D.DistState) -> dict:
+    cfg = load_config(run / "config.yaml")
+    found = newest_readable(run)
+    if found is None or cfg.train.mode != "cached":
+        raise SystemExit(f"{run}: needs a finished cached run")
+    state = found[0]["head"]
+    head = build_head(cfg, state["weights.0"].shape[1], st)
+    head.load_state_dict(state)
+    head.eval()
+    root = cache_dir(cfg)
+    plain = load_kind(root, cfg.data.train_split, "plain")
+    x = torch.from_numpy(np.asarray(plain.feats[0], dtype=np.float32))
+    with torch.no_grad():
+        p0 = head(x)[0].softmax(-1).double().numpy()
+    y = plain.labels
+    out: dict = {"run": run.name, "head": _acc(y, p0.argmax(1))}
+    table = load_or_build(root, cfg.data.train_split, 10, len(y), st)
+    for k in (5, 10):
+        nb = table[:, :k]
+        for a in (0.5, 0.2):
+            p = p0.copy()
+            for _ in range(10):
+                p = a * p0 + (1 - a) * p[nb].mean(1)
+            out[f"knn{k}_a{a}"] = _acc(y, p.argmax(1))
+        out[f"knn{k}_vote"] = _acc(y, (p0 + p0[nb].sum(1)).argmax(1))
+    clusters = torch.from_numpy(p0.argmax(1))
+    for t in range(1, 51):
+        centres = torch.stack([x[clusters == c].mean(0) if (clusters == c).any() else x[0]
+                               for c in range(cfg.head.num_clusters)])
+        clusters = torch.cdist(x, centres).argmin(1)
+        if t in (1, 3, 10, 50):
+            out[f"lloyd{t}"] = _acc(y, clusters.numpy())
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="also write the rows here as JSON")
+    args = p.parse_args()
+    st = D.init_distributed("cpu", "gloo", 600)
+    rows = []
+    for run in args.runs:
+        rows.append(refine(run, st))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
