@@ -318,19 +318,25 @@ def fetch(url: str, opts: RemoteOptions) -> bytes | None:
         if kind == "s3":
             return s3_filesystem(opts).cat_file(_s3_path(url))
         if kind == "http":
-            for attempt in range(opts.retries + 1):
-                try:
-                    status, _, body = _pooled_get(url, {}, opts.timeout_s)
-                    break
-                except (http.client.HTTPException, OSError):
-                    if attempt == opts.retries:
-                        raise
+            status, body = _get_retrying(url, {}, opts)
             if status == 200:
                 return body
             raise _http_error(url, status)
     except FileNotFoundError:
         return None
     raise ShardError(f"{url}: cannot fetch a {kind} location")
+
+
+def _get_retrying(url: str, headers: dict[str, str], opts: RemoteOptions) -> tuple[int, bytes]:
+    """_pooled_get, retried up to opts.retries times on a failed connection; the last failure raises."""
+    for attempt in range(opts.retries + 1):
+        try:
+            status, _, body = _pooled_get(url, headers, opts.timeout_s)
+            return status, body
+        except (http.client.HTTPException, OSError):
+            if attempt == opts.retries:
+                raise
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def read_range(url: str, offset: int, size: int, opts: RemoteOptions) -> bytes:
@@ -345,13 +351,7 @@ def read_range(url: str, offset: int, size: int, opts: RemoteOptions) -> bytes:
             f.seek(offset)
             return f.read(size)
     headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
-    for attempt in range(opts.retries + 1):
-        try:
-            status, _, body = _pooled_get(url, headers, opts.timeout_s)
-            break
-        except (http.client.HTTPException, OSError):
-            if attempt == opts.retries:
-                raise
+    status, body = _get_retrying(url, headers, opts)
     if status == 206:
         return body
     if status == 200:  # the server sent the whole file: correct, but an epoch costs N downloads
