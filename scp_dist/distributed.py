@@ -194,6 +194,15 @@ def gather_objects(obj: object) -> list[object] | None:
     return out
 
 
+def all_gather_objects(obj: object) -> list[object]:
+    """All ranks' picklable objects, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     if world_size() == 1:
         return obj

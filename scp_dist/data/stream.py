@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scp_dist import distributed as D
 from scp_dist.data.augment_torch import ViewSpec
 from scp_dist.data.batch import Batch
 from scp_dist.data.loader import (
@@ -68,7 +69,9 @@ from scp_dist.data.loader import (
 )
 from scp_dist.data.plan import eval_range, rank_batch_sizes, steps_per_epoch
 from scp_dist.data.reader import (
+    BAD_LABEL,
     BAD_SHARD,
+    MISSING_IMAGE,
     MISSING_SHARD,
     SHARD_MISMATCH,
     TRUNCATED,
@@ -190,12 +193,8 @@ def _raw(sample: dict, index: int, url: str, num_classes: int) -> RawSample:
     if "cls" in sample:
         label = parse_label(sample["cls"], num_classes, url)
     if isinstance(label, str):
-        from scp_dist.data.reader import BAD_LABEL
-
         return RawSample(index, key, None, "", -1, BAD_LABEL, label)
     if not ext:
-        from scp_dist.data.reader import MISSING_IMAGE
-
         return RawSample(index, key, None, "", label, MISSING_IMAGE, f"{url}: {key} has no image")
     return RawSample(index, key, sample[ext], ext, label)
 
@@ -478,7 +477,7 @@ class StreamTrainLoader(BatchAccounting):
             return -1 if known is not None and len(p) >= known else sorted(p)
 
         mine = {"used": {s: packed(s, p) for s, p in self.used.items()}, "learned": dict(self.learned)}
-        parts = _gather(mine, self.world_size)
+        parts = D.gather_objects(mine)
         if parts is None:
             return None
         used: dict[int, set[int] | int] = {}
@@ -600,34 +599,16 @@ class StreamTrainLoader(BatchAccounting):
                 raise ShardError("streaming shards without sample counts on several ranks needs the process group "
                                  "(the ranks agree each step on who still has data)")
             dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-            t = flags.to(dev) if dev is not None else flags
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            flags = t.cpu()
+            flags = D.sum_detached(flags.to(dev) if dev is not None else flags).cpu()
         return flags.numpy() > 0
 
     def _merge_learned(self) -> None:
-        parts = _all_gather(dict(self.learned), self.world_size)
+        parts = D.all_gather_objects(dict(self.learned))
         for p in parts:
             self.learned.update(p)
         if len(self.learned) == len(self.src.urls):
             log.info("%s: %d samples in %d shards, learned while streaming; later epochs run %d steps", self.where,
                      sum(self.learned.values()), len(self.learned), len(self))
-
-
-def _gather(obj: Any, world_size: int) -> list[Any] | None:
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def _all_gather(obj: Any, world_size: int) -> list[Any]:
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # --- the eval loader -------------------------------------------------------------------------------
