@@ -34,6 +34,8 @@ GOAL_STD, GOAL_MARGIN, GOAL_HIGH_KMEANS, GOAL_ERROR_SHARE = 1.5, 5.0, 90.0, 0.7
 KMEANS = "k-means on the same features"
 COLUMNS = [H.Column("name", "clustering"), *(H.Column(m, m.upper()) for m in METRICS), H.Column("seeds", "ACC per seed")]
 Stats = dict[str, tuple[float, float]]
+# The moonshot bar, the one row that uses labels: per seed, the head with the highest ACC.
+BEST_BY_LABELS = "best head, chosen with labels (the moonshot's bar)"
 
 
 def _stats(rows: list[dict], pick: Callable[[dict], dict[str, float]]) -> Stats:
@@ -51,6 +53,7 @@ def choices(rows: list[dict]) -> dict[str, Stats]:
         out["mean over heads"] = _stats(rows, lambda r: {m: np.mean([h[m] for h in r["all_heads"]]) for m in METRICS})
         out["lowest final loss"] = _stats(rows, lambda r: r["all_heads"][int(np.argmin(r["head_losses"]))])
         out["most agreement"] = _stats(rows, lambda r: r["all_heads"][int(np.argmax(r["head_agreement"]))])
+        out[BEST_BY_LABELS] = _stats(rows, lambda r: max(r["all_heads"], key=lambda h: h["acc"]))
     name = f"reported (head.select={rows[0]['select']})" if heads else "reported (one head)"
     out[name] = _stats(rows, lambda r: r["scp"])
     return out
@@ -77,11 +80,17 @@ def render(record: dict[str, Any]) -> str:
         f"# Protocol: `{record['config']}`, {len(rows)} seeds", "",
         *H.provenance(record, "benchmarks/protocol.py", "rows", record["results_file"]),
         f"Scored on {rows[0]['num_samples']} `{rows[0]['split']}` images, in %, mean ± std over seeds "
-        "(population std). No labels are used to choose anything.", "",
+        "(population std). No labels are used to choose anything but the row that says so.", "",
         H.table(COLUMNS, cells), "",
         f"**Goal** (reported clustering): ACC std ≤ {GOAL_STD} — {'met' if std_ok else 'NOT met'} "
         f"({rep['acc'][1]:.1f}); {margin_text} — {'met' if margin_ok else 'NOT met'} (" + ", ".join(f"{m.upper()} {v:+.1f}" for m, v in margins.items())
         + ").", "",
+    ]
+    if BEST_BY_LABELS in table:
+        gap = rep["acc"][0] - table[BEST_BY_LABELS]["acc"][0]
+        lines += [f"**Moonshot** (reported ≥ the best head chosen with labels, mean ACC): "
+                  f"{'met' if gap >= 0 else 'NOT met'} ({gap:+.1f}).", ""]
+    lines += [
         "Wall time per seed: " + ", ".join(f"{r['wall_s']:.0f} s" for r in rows) + ".", "",
     ]
     return "\n".join(lines)

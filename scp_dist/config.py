@@ -114,13 +114,12 @@ class HeadConfig:
     hidden: list[int] = field(default_factory=lambda: [1024, 786, 512, 1024])  # paper's widths
     activation: str = "relu"  # relu | gelu ; the paper does not say, ReLU is our choice
     num_heads: int = 1  # H heads trained at once (different seeds), chosen without labels
-    # How the reported clustering is chosen when num_heads > 1, without labels: "loss" = the head with
-    # the lowest final training loss (the highest mean ACC on both 5-head protocols;
-    # docs/RESULTS.md, "Choosing without labels");
-    # "consensus" = every head aligned to the most agreeing one (Hungarian) and a confidence-weighted
-    # vote per sample; "agreement" = the head whose training-split clusters agree most (mean NMI) with
-    # the other heads'.
-    select: str = "loss"
+    # How the reported clustering is chosen when num_heads > 1, without labels: "consensus" = every head
+    # aligned to the most agreeing one (Hungarian) and a confidence-weighted vote per sample (the
+    # smallest seed spread at the same mean on the 5-seed protocols; docs/RESULTS.md, "Five heads by
+    # default"); "loss" = the head with the lowest final training loss; "agreement" = the head whose
+    # training-split clusters agree most (mean NMI) with the other heads'.
+    select: str = "consensus"
 
 
 @dataclass
@@ -196,7 +195,8 @@ class CacheConfig:
 class NeighborsConfig:
     # Nearest neighbours in the frozen feature space as positives (scp_dist/neighbors.py): with k > 0,
     # view b of each sample is, with probability p, view b of one of its k nearest training images
-    # instead of its own. cached mode only (the neighbour's features must be at hand).
+    # instead of its own. cached mode only (the neighbour's features must be at hand). A ceiling: a
+    # run draws from at most N / (4K) neighbours, so they stay inside a cluster (neighbors.neighbor_count).
     k: int = 0  # 0: the paper's pairs (two views of one image) only
     p: float = 1.0  # measured: 1 beat 0.5 on the two-class set (docs/RESULTS.md)
 

@@ -168,13 +168,17 @@ def align_clusters(reference: np.ndarray, other: np.ndarray, k: int) -> np.ndarr
 def consensus(clusters: np.ndarray, confidence: np.ndarray, mappings: np.ndarray, k: int
               ) -> tuple[np.ndarray, np.ndarray]:
     """Every head's clusters relabelled into the reference's ids (mappings: (H, K)), then a vote per
-    sample weighted by each head's confidence. Returns (cluster, share of the vote) per sample."""
-    h, n = clusters.shape
-    votes = np.zeros((n, k))
-    for i in range(h):
-        np.add.at(votes, (np.arange(n), mappings[i][clusters[i]]), confidence[i])
-    winner = votes.argmax(1)
-    return winner, votes[np.arange(n), winner] / np.maximum(confidence.sum(0), 1e-12)
+    sample weighted by each head's confidence. Returns (cluster, share of the vote) per sample.
+
+    A sample's vote has at most H candidates, so it is tallied per head, not per cluster: an (n, K)
+    tally would be 10 GB at ImageNet-1K's n and K = 1,000. Ties go to the lowest cluster id."""
+    aligned = np.take_along_axis(mappings, clusters, axis=1)  # (H, n) ids in the reference's labels
+    votes = np.zeros(clusters.shape)  # votes[i, s]: the weight behind head i's choice for sample s
+    for j in range(len(clusters)):
+        votes += np.where(aligned == aligned[j], confidence[j], 0.0)
+    best = votes.max(0)
+    winner = np.where(votes == best, aligned, k).min(0)
+    return winner, best / np.maximum(confidence.sum(0), 1e-12)
 
 
 def choose_head(select: str, head_losses: torch.Tensor, agreement: list[float] | None = None) -> int:

@@ -9,6 +9,7 @@ backbone features that `feature_cache.extract_features` stored once. Both follow
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -31,10 +32,12 @@ from scp_dist.feature_cache import (
     pairs_to_extract,
 )
 from scp_dist.models.backbones import Backbone
-from scp_dist.neighbors import epoch_partners, load_or_build
+from scp_dist.neighbors import epoch_partners, load_or_build, neighbor_count
 from scp_dist.precision import autocast_context
 from scp_dist.runlog import progress
 from scp_dist.shards.manifest import read_manifest
+
+log = logging.getLogger("scp_dist")
 
 EvalBatch = tuple[torch.Tensor, list[str], torch.Tensor]  # (n, D) features, keys, labels
 
@@ -131,8 +134,12 @@ class CachedFeatures:
         self.stats = _AbsentCounts()
         self.epoch, self.start = 0, 0
         self._pair: tuple[int, SplitFeatures, np.ndarray] | None = None
-        nb = cfg.neighbors
-        self.neighbors = load_or_build(root, cfg.data.train_split, nb.k, self.num_samples, st) if nb.k else None
+        k = neighbor_count(cfg.neighbors.k, self.num_samples, cfg.head.num_clusters)
+        if k < cfg.neighbors.k and st.is_main:
+            log.info("neighbour pairs: %s of each image's nearest instead of neighbors.k=%d, for clusters of "
+                     "about %d images (%d images, K=%d)", k or "none", cfg.neighbors.k,
+                     self.num_samples // cfg.head.num_clusters, self.num_samples, cfg.head.num_clusters)
+        self.neighbors = load_or_build(root, cfg.data.train_split, k, self.num_samples, st) if k else None
 
     def __len__(self) -> int:
         return self.steps

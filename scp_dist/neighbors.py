@@ -46,6 +46,15 @@ def knn_table(feats: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def neighbor_count(k: int, num_samples: int, num_clusters: int) -> int:
+    """The neighbours to draw from: `neighbors.k`, but at most a quarter of a cluster's expected size
+    (N / K images), 0 (none) below 4. A neighbour list longer than the class must reach into other
+    classes: with 10 images per class (300 images, K = 30) the 10 nearest are 35 % of the image's class
+    and SCP scored 6 points under k-means with them, 6 over it with the 2 nearest (docs/RESULTS.md,
+    "Many clusters on real images")."""
+    return min(k, num_samples // (4 * num_clusters))
+
+
 def neighbor_path(root: Path, split: str, k: int) -> Path:
     return root / split / f"knn-{k}.npy"
 

@@ -38,3 +38,31 @@ def test_consensus_outvotes_noisy_heads():
     # Counter-test: without alignment (identity mappings) the vote mixes unrelated ids and fails.
     raw, _ = consensus(clusters, conf, np.tile(np.arange(k), (5, 1)), k)
     assert cluster_acc(truth, raw) < 0.8
+
+
+def test_consensus_is_the_dense_tally_without_its_memory():
+    """The vote equals a per-cluster tally (argmax, lowest id on ties), ties included, and its memory
+    does not grow with K: an (n, K) tally here would take 400 MB."""
+    import tracemalloc
+
+    rng = np.random.default_rng(2)
+    h, n, k = 5, 3000, 6
+    clusters = rng.integers(0, k, (h, n))
+    conf = rng.choice([0.25, 0.5, 1.0], (h, n))  # exact in binary: many exact ties between candidates
+    mappings = np.stack([rng.permutation(k) for _ in range(h)])
+    dense = np.zeros((n, k))
+    for i in range(h):
+        np.add.at(dense, (np.arange(n), mappings[i][clusters[i]]), conf[i])
+    vote, share = consensus(clusters, conf, mappings, k)
+    np.testing.assert_array_equal(vote, dense.argmax(1))
+    np.testing.assert_allclose(share, dense.max(1) / conf.sum(0))
+    assert (np.sort(dense, 1)[:, -1] == np.sort(dense, 1)[:, -2]).sum() > 100  # ties were exercised
+
+    n, k = 50_000, 1000
+    clusters = rng.integers(0, k, (h, n))
+    mappings = np.stack([rng.permutation(k) for _ in range(h)])
+    tracemalloc.start()
+    consensus(clusters, np.ones((h, n)), mappings, k)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.05 * n * k * 8, peak  # well under the dense tally's 400 MB

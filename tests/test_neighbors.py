@@ -14,7 +14,7 @@ from scp_dist.estimate_k import estimate, laplacian_spectrum
 from scp_dist.feature_cache import extract_features, load_kind
 from scp_dist.features import CachedFeatures
 from scp_dist.models.backbones import build_backbone
-from scp_dist.neighbors import epoch_partners, knn_table, load_or_build
+from scp_dist.neighbors import epoch_partners, knn_table, load_or_build, neighbor_count
 from tests.helpers import overrides
 
 
@@ -94,6 +94,23 @@ def test_neighbour_table_is_built_once_and_read_by_later_runs(tmp_path, digits_r
     stamp = path.stat().st_mtime_ns
     assert (load_or_build(root, "train", 3, 1797, DistState()) == first).all()
     assert path.stat().st_mtime_ns == stamp
+
+
+def test_neighbours_fit_inside_a_cluster_of_the_expected_size(tmp_path, digits_root):
+    """neighbors.k is a ceiling: with many clusters for the images (1797 digits, K = 100: about 18 per
+    cluster) a sample draws from its 4 nearest, and with fewer than 4 images per cluster from none."""
+    assert neighbor_count(10, 1797, 10) == 10 and neighbor_count(10, 300, 30) == 2
+    assert neighbor_count(10, 1797, 100) == 4 and neighbor_count(10, 1797, 500) == 0
+    cfg = cached_cfg(tmp_path, digits_root, **{"neighbors.k": 10, "head.num_clusters": 100})
+    root = Path(cfg.cache.dir)
+    extract_features(cfg, DistState(), build_backbone(cfg.backbone), root, "fp32")
+    source = CachedFeatures(cfg, DistState(), root)
+    assert source.neighbors.shape == (1797, 4) and (root / "train" / "knn-4.npy").is_file()
+    # counter-check: K = 10 keeps the configured 10, K = 500 trains on the paper's pairs alone
+    assert CachedFeatures(cached_cfg(tmp_path, digits_root, **{"neighbors.k": 10}), DistState(),
+                          root).neighbors.shape == (1797, 10)
+    assert CachedFeatures(cached_cfg(tmp_path, digits_root, **{"neighbors.k": 10, "head.num_clusters": 500}),
+                          DistState(), root).neighbors is None
 
 
 def test_neighbours_need_cached_mode():
