@@ -39,7 +39,7 @@ from scp_dist.data.stream import split_size
 from scp_dist.errors import USER_ERRORS
 from scp_dist.evaluate import kmeans_baseline, predict, report
 from scp_dist.features import FeatureSource, build_source
-from scp_dist.fileio import STORAGE_ERRNOS
+from scp_dist.fileio import STORAGE_ERRNOS, exclusive_lock
 from scp_dist.loss import LossTerms, MarginalEstimate, build_marginal, scp_loss
 from scp_dist.models.backbones import build_backbone
 from scp_dist.models.head import SCPHead
@@ -72,11 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare_data(cfg: DictConfig, st: D.DistState) -> None:
     """Write a built-in data set's shards on first use (rank 0 writes, the others wait), but only
-    into that data set's own folder: any other data.root is the user's data, never overwritten."""
+    into that data set's own folder: any other data.root is the user's data, never overwritten. A
+    lock in that folder makes a second job started at the same time wait, then find them written."""
     builtin = builtin_to_prepare(cfg.data.prepare, cfg.data.root)
     if builtin is not None:
         if st.is_main:
-            builtin.prepare(Path(cfg.data.root))
+            with exclusive_lock(Path(cfg.data.root) / ".prepare.lock"):
+                builtin.prepare(Path(cfg.data.root))
         D.barrier()
     check_data(cfg)
 

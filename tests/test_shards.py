@@ -196,3 +196,22 @@ def test_packaged_image_sets_are_written_from_the_files_their_packages_ship(tmp_
     img = np.asarray(Image.open(io.BytesIO(next(iter(got.values()))["png"])))
     assert img.shape == shape and img.dtype == np.uint8 and img.max() > 100  # real pixels, 0..255
     assert len({v["png"] for v in got.values()}) == n  # n distinct images, none written twice
+
+
+def test_jobs_started_together_share_one_preparation_of_a_builtin_set(tmp_path):
+    """Three jobs in one folder all write data/digits on first use at the same moment (seeds run side
+    by side): they take turns on the folder's lock, every one gets the data set, and it is written
+    once, whole. Without the lock they rename each other's half-written shards."""
+    from scp_dist.shards.manifest import shard_problem
+
+    code = ("import sys; from scp_dist.config import load_config; from scp_dist.distributed import DistState; "
+            "from scp_dist.train import prepare_data; "
+            "prepare_data(load_config('demo_digits_lite0', []), DistState()); print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 and out.strip() == "ok" for p, (out, _) in zip(procs, outs)), [e[-2000:] for _, e in outs]
+    m = read_manifest(tmp_path / "data" / "digits" / "train")
+    assert m.num_samples == 1797
+    assert all(shard_problem(m.root / s.name, s, sha256=True) is None for s in m.shards)
+    assert not list((tmp_path / "data" / "digits" / "train").glob(".*.tmp"))
