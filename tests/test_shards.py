@@ -210,7 +210,7 @@ def test_jobs_started_together_share_one_preparation_of_a_builtin_set(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 and out.strip() == "ok" for p, (out, _) in zip(procs, outs)), [e[-2000:] for _, e in outs]
+    assert all(p.returncode == 0 and out.strip() == "ok" for p, (out, _) in zip(procs, outs, strict=True)), [e[-2000:] for _, e in outs]
     m = read_manifest(tmp_path / "data" / "digits" / "train")
     assert m.num_samples == 1797
     assert all(shard_problem(m.root / s.name, s, sha256=True) is None for s in m.shards)
