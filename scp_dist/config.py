@@ -157,10 +157,13 @@ class TrainConfig:
     # finished run only re-evaluates it); true: continue (an error if there is no checkpoint);
     # false: start fresh, refused on a run directory that holds a run unless output.overwrite=true.
     resume: str = "auto"
-    # Checkpoints: at every epoch end, every checkpoint_every steps (0: off) and every
-    # checkpoint_minutes of training (0: off), the newest keep_checkpoints kept.
+    # Checkpoints: at epoch ends, every checkpoint_every steps (0: off) and every checkpoint_minutes
+    # of training (0: off), the newest keep_checkpoints kept. An epoch end is skipped while the last
+    # checkpoint is younger than checkpoint_min_seconds (0: every epoch end), except the run's last:
+    # a small set's epoch is one step, and five heads' checkpoint (175 MiB) took longer than the step.
     checkpoint_every: int = 0
     checkpoint_minutes: float = 30.0
+    checkpoint_min_seconds: float = 60.0
     keep_checkpoints: int = 3
     max_steps: int = 0  # >0 stops early (debugging); the schedule stays as long as without it
     # >0: the run is min(epochs x steps per epoch, step_budget) steps, its cosine annealed over that
@@ -361,6 +364,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.resume in RESUME, "train.resume", f"{cfg.train.resume!r} is not one of {'|'.join(RESUME)}")
     _check(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: epoch ends only)")
     _check(cfg.train.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0 (0: off)")
+    _check(cfg.train.checkpoint_min_seconds >= 0, "train.checkpoint_min_seconds", "must be >= 0 (0: every epoch end)")
     _check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     _check(cfg.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto|fp32|bf16|fp16")
@@ -460,7 +464,7 @@ RESUME_FREE = (
     "data.timeout_s", "data.retries", "data.storage_options.", "data.cache_dir", "data.cache_max_gb",
     *(f"backbone.{k}" for k in BACKBONE_SPEED_ONLY), "head.select",
     "train.resume", "train.max_steps", "train.log_every", "train.eval_batch", "train.device",
-    "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints",
+    "train.checkpoint_every", "train.checkpoint_minutes", "train.checkpoint_min_seconds", "train.keep_checkpoints",
     "cache.dir", "cache.batch_size", "dist.", "output.",
 )
 

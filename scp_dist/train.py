@@ -139,8 +139,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch
 def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, out_dir: Path, precision: str,
         resume_state: dict | None = None, stop: StopSignals | None = None) -> torch.Tensor:
     """The training loop; returns the last epoch's mean loss per head. Checkpoints (rank 0) at epoch
-    ends, every train.checkpoint_every steps / train.checkpoint_minutes, and when a stop signal
-    arrives; `resume_state` (a checkpoint) continues at the global batch after the one it saved."""
+    ends (at most one per train.checkpoint_min_seconds, and always the last), every
+    train.checkpoint_every steps / train.checkpoint_minutes, and when a stop signal arrives; `resume_state` (a checkpoint) continues at the global batch after the one it saved."""
     stop = stop or StopSignals()
     model: torch.nn.Module = DDP(head, device_ids=[st.device.index] if st.device.type == "cuda" else None) \
         if st.distributed else head
@@ -254,7 +254,9 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
             check_some_read(skipped, len(source) * cfg.train.global_batch, cfg.data.train_split, state.epoch + 1)
             jsonl.write(kind="epoch", epoch=state.epoch, step=state.step, loss=head_losses.tolist(), skipped=skipped)
             state.next_epoch()
-            save("epoch end")
+            last = state.epoch >= cfg.train.epochs or state.step >= stop_at
+            if last or time.monotonic() - last_save >= cfg.train.checkpoint_min_seconds:
+                save("epoch end")
         # A signal during the last checkpoint write: evaluation is not started under a time limit.
         signum = stop.agreed(st)
         if signum is not None:

@@ -75,6 +75,20 @@ def test_head_benchmark(out):
 
 
 @pytest.mark.slow
+def test_checkpoint_benchmark(out, digits_root, tmp_path):
+    main(["checkpoint", "--heads", "2", "--dim", "16", "--hidden", "32", "--clusters", "4", "--writes", "2",
+          "--config", "demo_digits", "--work", str(tmp_path), *_io(out), "--", f"data.root={digits_root}",
+          "data.prepare=", "train.mode=cached", "cache.num_pairs=1", "train.epochs=3", "train.global_batch=512",
+          "output.kmeans=false"])
+    d = check_result(out, "checkpoint", ["seconds"])
+    write, every, interval = d["rows"]
+    assert write["part"] == "write" and write["mib"] > 0
+    assert every["steps"] == interval["steps"] == 3 * (1797 // 512)
+    assert every["acc"] == interval["acc"]  # the interval changes no step
+    assert every["vs_every"] == 1.0
+
+
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_scaling_benchmark_one_torchrun(out):
     main(["scaling", "--nprocs", "1", "--threads-per-rank", "1", "--device", "cpu", "--backbone", "pixels",

@@ -171,6 +171,24 @@ def test_cached_job_trains_resumes_and_evaluates(tmp_path, digits_root):
 
 
 @pytest.mark.slow
+def test_short_epochs_write_a_checkpoint_per_interval_not_per_epoch(tmp_path, digits_root):
+    """A small set's epoch is a step or two, and five heads' checkpoint (175 MiB, 0.14 s) cost more than
+    the step: an epoch end within train.checkpoint_min_seconds of the last write writes none, except
+    the run's last. Counter: with 0, every epoch end writes one."""
+    st = DistState()
+
+    def steps_saved(name: str, min_seconds: float) -> list[int]:
+        train(cached_cfg(tmp_path, digits_root, **{
+            "output.run_name": name, "train.epochs": 4, "train.global_batch": 512, "train.keep_checkpoints": 100,
+            "train.checkpoint_min_seconds": min_seconds, "output.kmeans": "false"}), st)
+        return sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "runs" / name / "checkpoints").glob("step-*.pt"))
+
+    steps_per_epoch = 1797 // 512
+    assert steps_saved("every", 0) == [steps_per_epoch * e for e in (1, 2, 3, 4)]
+    assert steps_saved("throttled", 3600) == [steps_per_epoch * 4]
+
+
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_cached_mode_under_torchrun(tmp_path, digits_root):
     args = overrides(tmp_path, digits_root, **{"train.mode": "cached", "cache.num_pairs": 1,

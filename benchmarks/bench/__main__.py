@@ -1,4 +1,4 @@
-"""python -m benchmarks.bench {data,step,scaling,head,kmeans,search,streaming,all,report} [options]
+"""python -m benchmarks.bench {data,step,scaling,head,checkpoint,kmeans,search,streaming,all,report} [options]
 
 `all` runs every benchmark with its defaults; `report` only rebuilds BENCHMARKS.md from the stored
 results. A run writes <results-dir>/<name>-<host kind>[-<tag>].json (host kind: cpu or the GPU's
@@ -14,10 +14,10 @@ from pathlib import Path
 
 from benchmarks import bench as B
 from benchmarks import harness as H
-from benchmarks.bench import data, head, kmeans, scaling, search, step, streaming
+from benchmarks.bench import checkpoint, data, head, kmeans, scaling, search, step, streaming
 
-BENCHMARKS = {"data": data, "step": step, "scaling": scaling, "head": head, "kmeans": kmeans, "search": search,
-              "streaming": streaming}
+BENCHMARKS = {"data": data, "step": step, "scaling": scaling, "head": head, "checkpoint": checkpoint,
+              "kmeans": kmeans, "search": search, "streaming": streaming}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
