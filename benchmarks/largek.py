@@ -228,7 +228,7 @@ def _cpu_preset() -> Preset:
         Cell(k1, 512, 1e-3, 3.0, hidden=PAPER_HIDDEN, epochs=10, seeds=one, note="alpha 3, the paper's head"),
         Cell(k1, 4096, 2.8e-3, 3.0, hidden=narrow, epochs=80, seeds=one,
              note="batch 4096 for the steps of batch 512 x 10 epochs"),
-        Cell(k1, 2048, 2e-3, 3.0, hidden=narrow, epochs=100, seeds=one, note="batch 2048, 100 epochs"),
+        Cell(k1, 2048, 2e-3, 3.0, hidden=narrow, epochs=100, note="batch 2048, 100 epochs"),
     ]
     return Preset(
         synth={1000: Synth(k=1000, per_class=100, s_group=0.36, s_iso=0.3, s_nui=1.2, rho=0.3),

@@ -2,10 +2,14 @@
 only to score): kNN smoothing of the head's probabilities and Lloyd iterations started from the
 head's clusters. Both lost (docs/RESULTS.md, "After SCP, and a lower learning rate"); this script
 keeps the measurement repeatable. With --ensembles, on multi-head runs instead: other ways to combine
-the heads than the product's vote (docs/RESULTS.md, "Five heads by default").
+the heads than the product's vote (docs/RESULTS.md, "Five heads by default"); --choices, --independent
+and --errors: docs/RESULTS.md, "The current code, rerun".
 
     python benchmarks/posthoc.py runs/digits_seed0 runs/lfw_faces_seed0 [--out results.json]
     python benchmarks/posthoc.py --ensembles runs/animals_lite0_seed0   # a run with head.num_heads=5
+    python benchmarks/posthoc.py --choices RUN...          # each head's modularity on the neighbour graph
+    python benchmarks/posthoc.py --independent 5 RUN...    # the vote of head 0 of 5 consecutive runs
+    python benchmarks/posthoc.py --errors RUN...           # where the reported clustering errs, and why
 
 - kNN smoothing: P <- a·P0 + (1 - a)·mean of P over each image's k nearest neighbours in the frozen
   feature space (10 iterations of label propagation, k in 5, 10, a in 0.5, 0.2), and a one-shot vote
@@ -58,6 +62,14 @@ def _load(run: Path, st: D.DistState):
     return cfg, x, plain.labels, probs
 
 
+def vote(probs: np.ndarray, k: int) -> np.ndarray:
+    """The product's consensus (evaluate.consensus) of (H, n, K) probabilities."""
+    clusters, conf = probs.argmax(-1), probs.max(-1)
+    ref = int(np.argmax(head_agreement(clusters)))
+    maps = np.stack([align_clusters(clusters[ref], c, k) for c in clusters])
+    return consensus(clusters, conf, maps, k)[0]
+
+
 def ensembles(run: Path, st: D.DistState) -> dict:
     """The product's vote over all heads and over every 3 of them, k-means on the heads'
     concatenated probabilities, and the argmax of the aligned mean probability."""
@@ -66,22 +78,87 @@ def ensembles(run: Path, st: D.DistState) -> dict:
     from scp_dist.kmeans import kmeans_fit, nearest_centroid
 
     cfg, _, y, probs = _load(run, st)
-    k, clusters, conf = cfg.head.num_clusters, probs.argmax(-1), probs.max(-1)
-
-    def vote(idx: list[int]) -> np.ndarray:
-        ref = idx[int(np.argmax(head_agreement(clusters[idx])))]
-        maps = np.stack([align_clusters(clusters[ref], clusters[i], k) for i in idx])
-        return consensus(clusters[idx], conf[idx], maps, k)[0]
-
+    k, clusters = cfg.head.num_clusters, probs.argmax(-1)
     heads = list(range(len(probs)))
-    out: dict = {"run": run.name, "heads": [_acc(y, c) for c in clusters], "vote": _acc(y, vote(heads)),
-                 "vote_of_3": [_acc(y, vote(list(s))) for s in combinations(heads, 3)]}
+    out: dict = {"run": run.name, "heads": [_acc(y, c) for c in clusters], "vote": _acc(y, vote(probs, k)),
+                 "vote_of_3": [_acc(y, vote(probs[list(s)], k)) for s in combinations(heads, 3)]}
     z = np.concatenate(list(probs), 1).astype(np.float32)
     out["kmeans_on_probabilities"] = _acc(y, nearest_centroid(kmeans_fit(z, k, seed=0, niter=50, nredo=5).centroids, z))
     ref = int(np.argmax(head_agreement(clusters)))
     mean = sum(p[:, np.argsort(align_clusters(clusters[ref], c, k))] for p, c in zip(probs, clusters, strict=True))
     out["aligned_mean_probability"] = _acc(y, mean.argmax(1))
     return out
+
+
+def modularity(table: np.ndarray, clusters: np.ndarray, k: int) -> float:
+    """Newman's modularity of a partition on the directed nearest-neighbour graph (`table`: each
+    image's neighbours): the share of edges inside clusters minus the share that clusters of the same
+    sizes and in-degrees would hold at random."""
+    n, m = table.shape
+    inside = float((clusters[table] == clusters[:, None]).mean())
+    out_share = np.bincount(clusters, minlength=k) / n
+    in_share = np.bincount(clusters[table].ravel(), minlength=k) / (n * m)
+    return inside - float(out_share @ in_share)
+
+
+def choices(run: Path, st: D.DistState) -> dict:
+    """Every head's ACC next to its modularity on the frozen features' 10-nearest-neighbour graph: would
+    the most modular head be a label-free choice closer to the best head than the vote?"""
+    cfg, _, y, probs = _load(run, st)
+    k, clusters, conf = cfg.head.num_clusters, probs.argmax(-1), probs.max(-1)
+    table = load_or_build(cache_dir(cfg), cfg.data.train_split, 10, len(y), st)
+    ref = int(np.argmax(head_agreement(clusters)))
+    maps = np.stack([align_clusters(clusters[ref], c, k) for c in clusters])
+    vote = consensus(clusters, conf, maps, k)[0]
+    mod = [round(modularity(table, c, k), 4) for c in clusters]
+    return {"run": str(run), "heads": [_acc(y, c) for c in clusters], "modularity": mod,
+            "vote": _acc(y, vote), "vote_modularity": round(modularity(table, vote, k), 4),
+            "most_modular_head": _acc(y, clusters[int(np.argmax(mod))])}
+
+
+def independent(runs: list[Path], window: int, st: D.DistState) -> list[dict]:
+    """The vote of head 0 of `window` consecutive runs, for each window: heads that differ in their
+    batch order and neighbour draws too, not only in their init. Head 0 of a run of seed s is the head
+    of a one-head run of seed s (same init, batches and views), and head h of a five-head run of seed
+    s has the init of seed s + h, so the window s..s+4 has the inits of a five-head run of seed s and
+    five batch orders where that run has one."""
+    loaded = [_load(run, st) for run in runs]
+    k, y = loaded[0][0].head.num_clusters, loaded[0][2]
+    head0 = np.stack([probs[0] for _, _, _, probs in loaded])
+    rows = []
+    for s in range(len(runs) - window + 1):
+        rows.append({"runs": [r.name for r in runs[s: s + window]], "heads": [_acc(y, p.argmax(-1)) for p in
+                                                                          head0[s: s + window]],
+                     "vote": _acc(y, vote(head0[s: s + window], k))})
+    return rows
+
+
+def errors(run: Path, st: D.DistState) -> dict:
+    """Where the reported clustering errs (the labels say which images): how many of those images'
+    10 nearest neighbours share their label, whether k-means errs on them too, and whether a linear
+    classifier fitted with the labels separates the classes at all (an upper bound, not a result)."""
+    import csv
+
+    from sklearn.linear_model import LogisticRegression
+
+    from scp_dist.kmeans import nearest_centroid
+
+    cfg, x, y, _ = _load(run, st)
+    plain = load_kind(cache_dir(cfg), cfg.data.train_split, "plain")
+    with open(run / f"assignments_{cfg.data.train_split}.csv") as f:
+        by_key = {r["key"]: int(r["cluster"]) for r in csv.DictReader(f)}
+    clusters = np.array([by_key[k] for k in plain.keys])
+    km = nearest_centroid(np.load(run / "kmeans_centroids.npy"), x.numpy())
+    k = cfg.head.num_clusters  # each clustering's ids mapped onto the labels as ACC maps them (Hungarian)
+    wrong = np.flatnonzero(align_clusters(y, clusters, k)[clusters] != y)
+    km_wrong = np.flatnonzero(align_clusters(y, km, k)[km] != y)
+    table = load_or_build(cache_dir(cfg), cfg.data.train_split, 10, len(y), st)
+    same = (y[table] == y[:, None]).mean(1)
+    return {"run": str(run), "errors": len(wrong), "error_labels": np.bincount(y[wrong]).tolist(),
+            "kmeans_errors": len(km_wrong), "kmeans_errors_among_them": len(np.intersect1d(wrong, km_wrong)),
+            "knn10_same_label_of_errors": same[wrong].round(2).tolist(),
+            "knn10_same_label_mean": round(float(same.mean()), 3),
+            "linear_probe_train_acc": round(float(LogisticRegression(max_iter=5000).fit(x, y).score(x, y)), 4)}
 
 
 def refine(run: Path, st: D.DistState) -> dict:
@@ -113,11 +190,18 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=None, help="also write the rows here as JSON")
     p.add_argument("--ensembles", action="store_true", help="combine the heads of multi-head runs instead")
+    p.add_argument("--choices", action="store_true", help="every head's modularity on the neighbour graph instead")
+    p.add_argument("--errors", action="store_true", help="where the reported clustering errs, and why, instead")
+    p.add_argument("--independent", type=int, default=0, metavar="W",
+                   help="the vote of head 0 of every W consecutive runs (seeds in order) instead")
     args = p.parse_args()
     st = D.init_distributed("cpu", "gloo", 600)
-    rows = []
-    for run in args.runs:
-        rows.append((ensembles if args.ensembles else refine)(run, st))
+    rows = independent(args.runs, args.independent, st) if args.independent else []
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    for run in args.runs if not args.independent else []:
+        mode = ensembles if args.ensembles else choices if args.choices else errors if args.errors else refine
+        rows.append(mode(run, st))
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
