@@ -46,8 +46,10 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def args(work, digits_root) -> list[str]:
-    # lr 5e-4 as in tests/test_world_size.py: Adam turns rounding into visible steps at 1e-3.
-    return overrides(work, digits_root, **{"train.global_batch": 128, "optim.lr": 5e-4, "output.kmeans": "false"})
+    # lr 5e-4 as in tests/test_world_size.py: Adam turns rounding into visible steps at 1e-3. A
+    # checkpoint at every epoch end: the requeue tests stop a job after its first epoch's checkpoint.
+    return overrides(work, digits_root, **{"train.global_batch": 128, "optim.lr": 5e-4, "output.kmeans": "false",
+                                           "train.checkpoint_min_seconds": 0})
 
 
 def _submit(cluster: SlurmCluster, work: Path, args: list[str], *sbatch: str, script: Path | str = IMAGENET_SH,
