@@ -2,14 +2,15 @@
 only to score): kNN smoothing of the head's probabilities and Lloyd iterations started from the
 head's clusters. Both lost (docs/RESULTS.md, "After SCP, and a lower learning rate"); this script
 keeps the measurement repeatable. With --ensembles, on multi-head runs instead: other ways to combine
-the heads than the product's vote (docs/RESULTS.md, "Five heads by default"); --choices, --independent
-and --errors: docs/RESULTS.md, "The current code, rerun".
+the heads than the product's vote (docs/RESULTS.md, "Five heads by default"); --choices, --independent,
+--gate and --errors: docs/RESULTS.md, "The current code, rerun".
 
     python benchmarks/posthoc.py runs/digits_seed0 runs/lfw_faces_seed0 [--out results.json]
     python benchmarks/posthoc.py --ensembles runs/animals_lite0_seed0   # a run with head.num_heads=5
     python benchmarks/posthoc.py --choices RUN...          # each head's modularity on the neighbour graph
     python benchmarks/posthoc.py --independent 5 RUN...    # the vote of head 0 of 5 consecutive runs
     python benchmarks/posthoc.py --errors RUN...           # where the reported clustering errs, and why
+    python benchmarks/posthoc.py --gate RUN...             # the vote of the heads near the lowest loss
 
 - kNN smoothing: P <- a·P0 + (1 - a)·mean of P over each image's k nearest neighbours in the frozen
   feature space (10 iterations of label propagation, k in 5, 10, a in 0.5, 0.2), and a one-shot vote
@@ -63,7 +64,7 @@ def _load(run: Path, st: D.DistState):
 
 
 def vote(probs: np.ndarray, k: int) -> np.ndarray:
-    """The product's consensus (evaluate.consensus) of (H, n, K) probabilities."""
+    """evaluate.consensus of (H, n, K) probabilities, every head voting (head.vote_margin large)."""
     clusters, conf = probs.argmax(-1), probs.max(-1)
     ref = int(np.argmax(head_agreement(clusters)))
     maps = np.stack([align_clusters(clusters[ref], c, k) for c in clusters])
@@ -105,15 +106,28 @@ def choices(run: Path, st: D.DistState) -> dict:
     """Every head's ACC next to its modularity on the frozen features' 10-nearest-neighbour graph: would
     the most modular head be a label-free choice closer to the best head than the vote?"""
     cfg, _, y, probs = _load(run, st)
-    k, clusters, conf = cfg.head.num_clusters, probs.argmax(-1), probs.max(-1)
+    k, clusters = cfg.head.num_clusters, probs.argmax(-1)
     table = load_or_build(cache_dir(cfg), cfg.data.train_split, 10, len(y), st)
-    ref = int(np.argmax(head_agreement(clusters)))
-    maps = np.stack([align_clusters(clusters[ref], c, k) for c in clusters])
-    vote = consensus(clusters, conf, maps, k)[0]
+    voted = vote(probs, k)
     mod = [round(modularity(table, c, k), 4) for c in clusters]
     return {"run": str(run), "heads": [_acc(y, c) for c in clusters], "modularity": mod,
-            "vote": _acc(y, vote), "vote_modularity": round(modularity(table, vote, k), 4),
+            "vote": _acc(y, voted), "vote_modularity": round(modularity(table, voted, k), 4),
             "most_modular_head": _acc(y, clusters[int(np.argmax(mod))])}
+
+
+def gated(run: Path, st: D.DistState, margins: tuple[float, ...] = (0.02, 0.05, 0.1)) -> dict:
+    """The vote of only the heads whose final training loss is within a margin of the lowest (the
+    heads of a run see the same batches, so their losses compare), next to the product's vote of all
+    heads and the lowest-loss head alone. Label-free: the labels only score."""
+    cfg, _, y, probs = _load(run, st)
+    k, losses = cfg.head.num_clusters, np.asarray(json.loads((run / "eval.json").read_text())["head_losses"])
+    lowest = probs[int(np.argmin(losses))].argmax(-1)
+    row = {"run": run.name, "heads": [_acc(y, p.argmax(-1)) for p in probs], "losses": losses.round(4).tolist(),
+           "vote": _acc(y, vote(probs, k)), "lowest_loss": _acc(y, lowest)}
+    for m in margins:
+        keep = np.flatnonzero(losses <= losses.min() + m)
+        row[f"vote_within_{m:g}"] = _acc(y, vote(probs[keep], k) if len(keep) > 1 else lowest)
+    return row
 
 
 def independent(runs: list[Path], window: int, st: D.DistState) -> list[dict]:
@@ -191,6 +205,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the rows here as JSON")
     p.add_argument("--ensembles", action="store_true", help="combine the heads of multi-head runs instead")
     p.add_argument("--choices", action="store_true", help="every head's modularity on the neighbour graph instead")
+    p.add_argument("--gate", action="store_true", help="the vote of the heads within a loss margin of the lowest")
     p.add_argument("--errors", action="store_true", help="where the reported clustering errs, and why, instead")
     p.add_argument("--independent", type=int, default=0, metavar="W",
                    help="the vote of head 0 of every W consecutive runs (seeds in order) instead")
@@ -200,7 +215,8 @@ def main() -> None:
     for row in rows:
         print(json.dumps(row), flush=True)
     for run in args.runs if not args.independent else []:
-        mode = ensembles if args.ensembles else choices if args.choices else errors if args.errors else refine
+        mode = (ensembles if args.ensembles else choices if args.choices else errors if args.errors
+                else gated if args.gate else refine)
         rows.append(mode(run, st))
         print(json.dumps(rows[-1]), flush=True)
     if args.out:

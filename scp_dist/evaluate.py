@@ -181,6 +181,12 @@ def consensus(clusters: np.ndarray, confidence: np.ndarray, mappings: np.ndarray
     return winner, best / np.maximum(confidence.sum(0), 1e-12)
 
 
+def vote_weights(head_losses: torch.Tensor, margin: float) -> np.ndarray:
+    """(H,) 1 for the heads whose final loss is within `margin` of the lowest, else 0: who votes."""
+    losses = head_losses.double().numpy()
+    return (losses <= losses.min() + margin).astype(np.float64)
+
+
 def choose_head(select: str, head_losses: torch.Tensor, agreement: list[float] | None = None) -> int:
     """Label-free choice among heads: the lowest final training loss, or the most agreement
     (also the reference that consensus aligns the other heads to)."""
@@ -200,20 +206,24 @@ def report(cfg: DictConfig, preds: dict[str, Predictions], head_losses: torch.Te
     train = preds[cfg.data.train_split]
     agreement = head_agreement(train.clusters) if num_heads > 1 else None
     chosen = choose_head(cfg.head.select, head_losses, agreement)
-    mappings = None
+    mappings = weights = None
     if cfg.head.select == "consensus" and num_heads > 1:
         k = cfg.head.num_clusters
+        weights = vote_weights(head_losses, cfg.head.vote_margin)
+        assert agreement is not None
+        chosen = int(np.argmax(np.where(weights > 0, agreement, -np.inf)))  # the reference: a voter
         # Aligned once on the training split, so every split is voted with the same relabelling.
         mappings = np.stack([align_clusters(train.clusters[chosen], c, k) for c in train.clusters])
         for p in preds.values():
-            c, conf = consensus(p.clusters[:num_heads], p.confidence[:num_heads], mappings, k)
+            c, conf = consensus(p.clusters[:num_heads], p.confidence[:num_heads] * weights[:, None], mappings, k)
             p.clusters, p.confidence = np.vstack([p.clusters, c]), np.vstack([p.confidence, conf])
         chosen = num_heads  # the consensus row
     baseline = {split: clustering_scores(preds[split].labels, c) for split, c in (kmeans or {}).items()}
     results: dict = {"chosen_head": chosen, "select": cfg.head.select, "head_losses": head_losses.tolist(),
                      "head_agreement": agreement, "splits": {}}
-    if mappings is not None:  # scp_dist.predict votes new images with the same relabelling
+    if mappings is not None:  # scp_dist.predict votes new images with the same relabelling and voters
         results["consensus_mappings"] = mappings.tolist()
+        results["consensus_weights"] = weights.tolist()
     centroids = getattr(kmeans, "centroids", None)
     if centroids is not None:
         atomic_write(out_dir / KMEANS_CENTROIDS, lambda f: np.save(f, centroids))

@@ -236,7 +236,8 @@ def assign(run: Run, split_dir: Path, st: D.DistState, batch_size: int = 0) -> A
                            None if kmeans is None else kmeans, failed)
     if run.consensus:
         h = run.head.num_heads
-        cluster, prob = consensus(preds.clusters[:h], preds.confidence[:h], run.mappings, run.num_clusters)
+        cluster, prob = consensus(preds.clusters[:h], preds.confidence[:h] * run.vote_weights[:, None], run.mappings,
+                                  run.num_clusters)
     else:
         cluster, prob = preds.clusters[run.chosen], preds.confidence[run.chosen]
     return Assignments(preds.keys, cluster.astype(np.int64), prob.astype(np.float32), kmeans, failed)

@@ -42,6 +42,7 @@ class Run:
     head: SCPHead  # every head of the checkpoint, eval mode, on `device`
     chosen: int  # eval.json's chosen_head; == head.num_heads: the heads' consensus vote
     mappings: np.ndarray | None  # (H, K) consensus relabelling (evaluate.report), else None
+    vote_weights: np.ndarray | None  # (H,) 1 for the heads that vote (head.vote_margin), else None
     checkpoint: Path
     device: torch.device
     centroids: np.ndarray | None  # (K, D) k-means centroids; None for runs from before they were kept
@@ -100,7 +101,8 @@ class Run:
         if not self.consensus:
             return p[self.chosen]
         conf, clusters = p.max(-1)
-        assert self.mappings is not None
+        assert self.mappings is not None and self.vote_weights is not None
+        conf = conf * torch.as_tensor(self.vote_weights, dtype=conf.dtype, device=conf.device)[:, None]
         maps = torch.as_tensor(self.mappings, device=p.device)
         votes = torch.zeros(p.shape[1:], dtype=torch.float64, device=p.device)
         for h in range(len(maps)):
@@ -136,12 +138,12 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> Run:
                    activation=cfg.head.activation, seed=cfg.train.seed)
     head.load_state_dict(weights)
     head.to(device).eval()
-    chosen, mappings = _reported_head(run, h, cfg.head.num_clusters)
+    chosen, mappings, vote_weights = _reported_head(run, h, cfg.head.num_clusters)
     centroids = np.load(run / KMEANS_CENTROIDS) if (run / KMEANS_CENTROIDS).is_file() else None
-    return Run(run, cfg, head, chosen, mappings, ckpt, device, centroids)
+    return Run(run, cfg, head, chosen, mappings, vote_weights, ckpt, device, centroids)
 
 
-def _reported_head(run: Path, num_heads: int, k: int) -> tuple[int, np.ndarray | None]:
+def _reported_head(run: Path, num_heads: int, k: int) -> tuple[int, np.ndarray | None, np.ndarray | None]:
     path = run / EVAL_NAME
     if not path.is_file():
         raise RunError(f"{run} holds no {EVAL_NAME}: the run was not evaluated; run its training command again "
@@ -149,7 +151,7 @@ def _reported_head(run: Path, num_heads: int, k: int) -> tuple[int, np.ndarray |
     ev = json.loads(path.read_text())
     chosen = int(ev["chosen_head"])
     if chosen < num_heads:
-        return chosen, None
+        return chosen, None, None
     if "consensus_mappings" not in ev:
         raise RunError(f"{path} reports the heads' consensus but predates the stored relabelling "
                        "(consensus_mappings); run the training command again to re-evaluate it")
@@ -157,4 +159,6 @@ def _reported_head(run: Path, num_heads: int, k: int) -> tuple[int, np.ndarray |
     if mappings.shape != (num_heads, k):
         raise RunError(f"{path}: consensus_mappings is {mappings.shape}, the checkpoint has {num_heads} heads of "
                        f"{k} clusters")
-    return chosen, mappings
+    # Runs evaluated before head.vote_margin existed: every head voted.
+    vote_weights = np.asarray(ev.get("consensus_weights", np.ones(num_heads)), dtype=np.float64)
+    return chosen, mappings, vote_weights

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from scp_dist.evaluate import align_clusters, consensus
+from scp_dist.evaluate import align_clusters, consensus, vote_weights
 from scp_dist.metrics import cluster_acc
 
 
@@ -66,3 +67,20 @@ def test_consensus_is_the_dense_tally_without_its_memory():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 0.05 * n * k * 8, peak  # well under the dense tally's 400 MB
+
+
+def test_heads_whose_loss_ended_clearly_higher_do_not_vote():
+    """head.vote_margin: three heads agree on a partition that merges two classes and ended 0.12 above
+    the fourth head's loss, which found the classes: the vote of the heads within 0.1 of the lowest
+    loss is the fourth's. Counter: with every head voting (a large margin) the three outvote it."""
+    rng = np.random.default_rng(0)
+    k, n = 4, 400
+    truth = rng.integers(0, k, n)
+    merged = np.where(truth == 1, 0, truth)
+    clusters, conf, maps = np.stack([truth, merged, merged, merged]), np.ones((4, n)), np.tile(np.arange(k), (4, 1))
+    losses = torch.tensor([-10.93, -10.81, -10.80, -10.79])
+    weights = vote_weights(losses, 0.1)
+    assert weights.tolist() == [1.0, 0.0, 0.0, 0.0]
+    np.testing.assert_array_equal(consensus(clusters, conf * weights[:, None], maps, k)[0], truth)
+    everyone = vote_weights(losses, 1e9)
+    np.testing.assert_array_equal(consensus(clusters, conf * everyone[:, None], maps, k)[0], merged)

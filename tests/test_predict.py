@@ -58,6 +58,20 @@ def test_training_shards_get_the_runs_assignments(tiny_runs, digits_root, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_vote_without_some_heads_is_what_predict_votes_too(digits_root, tmp_path):
+    """head.vote_margin=0: only the lowest-loss head votes (eval.json's consensus_weights); predict
+    must vote with the same heads to reproduce the run's own assignments."""
+    from tests.helpers import tiny_run
+
+    run = tiny_run(tmp_path, digits_root, "few_voters", **{
+        "train.mode": "cached", "cache.num_pairs": 1, "head.num_heads": 3, "head.select": "consensus",
+        "head.vote_margin": 0})
+    assert sorted(json.loads((run / "eval.json").read_text())["consensus_weights"]) == [0.0, 0.0, 1.0]
+    assert main(["--run", str(run), "--input", str(digits_root / "train"), "--out", str(tmp_path / "p")]) == 0
+    assert_same_as_the_run(run, read_csv(tmp_path / "p.csv"))
+
+
+@pytest.mark.slow
 def test_a_folder_of_images_gets_the_runs_assignments_and_lists_what_fails(tiny_runs, digits_pngs, tmp_path):
     folder = next(iter(digits_pngs.values())).parent
     broken = folder / "zz_broken.png"
