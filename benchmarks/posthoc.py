@@ -34,7 +34,7 @@ if not __package__:  # `python benchmarks/posthoc.py`
 from scp_dist import distributed as D  # noqa: E402
 from scp_dist.checkpoint import newest_readable  # noqa: E402
 from scp_dist.config import load_config  # noqa: E402
-from scp_dist.evaluate import align_clusters, consensus, head_agreement  # noqa: E402
+from scp_dist.evaluate import align_clusters, consensus, head_agreement, vote_alignment  # noqa: E402
 from scp_dist.feature_cache import cache_dir, load_kind  # noqa: E402
 from scp_dist.metrics import clustering_scores  # noqa: E402
 from scp_dist.neighbors import load_or_build  # noqa: E402
@@ -66,8 +66,7 @@ def _load(run: Path, st: D.DistState):
 def vote(probs: np.ndarray, k: int) -> np.ndarray:
     """evaluate.consensus of (H, n, K) probabilities, every head voting (head.vote_margin large)."""
     clusters, conf = probs.argmax(-1), probs.max(-1)
-    ref = int(np.argmax(head_agreement(clusters)))
-    maps = np.stack([align_clusters(clusters[ref], c, k) for c in clusters])
+    maps = vote_alignment(clusters, head_agreement(clusters), np.ones(len(clusters)), k)
     return consensus(clusters, conf, maps, k)[0]
 
 
@@ -85,8 +84,8 @@ def ensembles(run: Path, st: D.DistState) -> dict:
                  "vote_of_3": [_acc(y, vote(probs[list(s)], k)) for s in combinations(heads, 3)]}
     z = np.concatenate(list(probs), 1).astype(np.float32)
     out["kmeans_on_probabilities"] = _acc(y, nearest_centroid(kmeans_fit(z, k, seed=0, niter=50, nredo=5).centroids, z))
-    ref = int(np.argmax(head_agreement(clusters)))
-    mean = sum(p[:, np.argsort(align_clusters(clusters[ref], c, k))] for p, c in zip(probs, clusters, strict=True))
+    maps = vote_alignment(clusters, head_agreement(clusters), np.ones(len(clusters)), k)
+    mean = sum(p[:, np.argsort(m)] for p, m in zip(probs, maps, strict=True))
     out["aligned_mean_probability"] = _acc(y, mean.argmax(1))
     return out
 

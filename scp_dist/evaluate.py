@@ -187,10 +187,15 @@ def vote_weights(head_losses: torch.Tensor, margin: float) -> np.ndarray:
     return (losses <= losses.min() + margin).astype(np.float64)
 
 
+def vote_alignment(clusters: np.ndarray, agreement: list[float], weights: np.ndarray, k: int) -> np.ndarray:
+    """(H, K): every head's relabelling into the ids of the voter that agrees most with the others."""
+    reference = int(np.argmax(np.where(weights > 0, agreement, -np.inf)))
+    return np.stack([align_clusters(clusters[reference], c, k) for c in clusters])
+
+
 def choose_head(select: str, head_losses: torch.Tensor, agreement: list[float] | None = None) -> int:
-    """Label-free choice among heads: the lowest final training loss, or the most agreement
-    (also the reference that consensus aligns the other heads to)."""
-    if select in ("agreement", "consensus") and agreement is not None:
+    """Label-free choice of one head: the most agreement, else the lowest final training loss."""
+    if select == "agreement" and agreement is not None:
         return int(np.argmax(agreement))
     return int(torch.argmin(head_losses))
 
@@ -205,19 +210,19 @@ def report(cfg: DictConfig, preds: dict[str, Predictions], head_losses: torch.Te
     num_heads = len(head_losses)
     train = preds[cfg.data.train_split]
     agreement = head_agreement(train.clusters) if num_heads > 1 else None
-    chosen = choose_head(cfg.head.select, head_losses, agreement)
     mappings = weights = None
     if cfg.head.select == "consensus" and num_heads > 1:
+        assert agreement is not None
         k = cfg.head.num_clusters
         weights = vote_weights(head_losses, cfg.head.vote_margin)
-        assert agreement is not None
-        chosen = int(np.argmax(np.where(weights > 0, agreement, -np.inf)))  # the reference: a voter
         # Aligned once on the training split, so every split is voted with the same relabelling.
-        mappings = np.stack([align_clusters(train.clusters[chosen], c, k) for c in train.clusters])
+        mappings = vote_alignment(train.clusters, agreement, weights, k)
         for p in preds.values():
             c, conf = consensus(p.clusters[:num_heads], p.confidence[:num_heads] * weights[:, None], mappings, k)
             p.clusters, p.confidence = np.vstack([p.clusters, c]), np.vstack([p.confidence, conf])
         chosen = num_heads  # the consensus row
+    else:
+        chosen = choose_head(cfg.head.select, head_losses, agreement)
     baseline = {split: clustering_scores(preds[split].labels, c) for split, c in (kmeans or {}).items()}
     results: dict = {"chosen_head": chosen, "select": cfg.head.select, "head_losses": head_losses.tolist(),
                      "head_agreement": agreement, "splits": {}}

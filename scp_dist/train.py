@@ -140,7 +140,8 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
         resume_state: dict | None = None, stop: StopSignals | None = None) -> torch.Tensor:
     """The training loop; returns the last epoch's mean loss per head. Checkpoints (rank 0) at epoch
     ends (at most one per train.checkpoint_min_seconds, and always the last), every
-    train.checkpoint_every steps / train.checkpoint_minutes, and when a stop signal arrives; `resume_state` (a checkpoint) continues at the global batch after the one it saved."""
+    train.checkpoint_every steps / train.checkpoint_minutes, and when a stop signal arrives;
+    `resume_state` (a checkpoint) continues at the global batch after the one it saved."""
     stop = stop or StopSignals()
     model: torch.nn.Module = DDP(head, device_ids=[st.device.index] if st.device.type == "cuda" else None) \
         if st.distributed else head
