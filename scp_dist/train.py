@@ -256,7 +256,10 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
             jsonl.write(kind="epoch", epoch=state.epoch, step=state.step, loss=head_losses.tolist(), skipped=skipped)
             state.next_epoch()
             last = state.epoch >= cfg.train.epochs or state.step >= stop_at
-            if last or time.monotonic() - last_save >= cfg.train.checkpoint_min_seconds:
+            due = time.monotonic() - last_save >= cfg.train.checkpoint_min_seconds
+            if st.distributed:  # each rank's clock differs, and save() is collective (streamed shards)
+                due = bool(D.max_detached(torch.tensor([float(due)], device=st.collective_device)).item())
+            if last or due:
                 save("epoch end")
         # A signal during the last checkpoint write: evaluation is not started under a time limit.
         signum = stop.agreed(st)
