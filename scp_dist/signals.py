@@ -63,11 +63,13 @@ class StopSignals:
         if not self.in_loop:
             raise Preempted(signum, "outside the training loop", outside_loop=True)
 
-    def agreed(self, st: D.DistState) -> int | None:
-        """The signal any rank received, the same answer on every rank (collective: all call it
-        after the same step), or None."""
-        mine = float(self.signum or 0)
+    def agreed(self, st: D.DistState, due: bool = False) -> tuple[int | None, bool]:
+        """The signal any rank received (or None), and whether any rank says a checkpoint is `due`:
+        the same answers on every rank (collective: all call it after the same step). One all-reduce
+        carries both because a rank's `due` may come from its own clock (train.checkpoint_minutes),
+        and save() is collective with streamed shards: ranks that decided alone could hang."""
         if not st.distributed:
-            return self.signum
-        got = int(D.max_detached(torch.tensor([mine], dtype=torch.float64, device=st.collective_device)).item())
-        return got or None
+            return self.signum, due
+        got = D.max_detached(torch.tensor([float(self.signum or 0), float(due)], dtype=torch.float64,
+                                          device=st.collective_device)).tolist()
+        return int(got[0]) or None, bool(got[1])

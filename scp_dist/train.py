@@ -230,7 +230,8 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
                                 **terms)
                     bar.set_postfix(epoch=f"{state.epoch + 1}/{cfg.train.epochs}", loss=f"{terms['loss']:.3f}",
                                     H=f"{terms['entropy']:.3f}", ips=f"{ips:.0f}", refresh=False)
-                signum = stop.agreed(st)  # every rank asks after every step: they stop together
+                # Every rank asks after every step: they stop, and checkpoint, together.
+                signum, periodic = stop.agreed(st, periodic_due() and state.step_in_epoch < len(source))
                 if signum is not None:
                     path = save(f"signal {signum}")
                     jsonl.write(kind="stopped", step=state.step, epoch=state.epoch, signal=signum)
@@ -240,7 +241,7 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
                     raise Preempted(signum, f"at step {state.step}" + (f"; checkpoint {path}" if path else ""))
                 if state.step >= stop_at and state.step_in_epoch < len(source):
                     break  # max_steps or step_budget inside an epoch: every rank sees the same stop_at
-                if periodic_due() and state.step_in_epoch < len(source):
+                if periodic:
                     save("periodic")
             # len(source) again: a stream without sample counts knows its epoch's length only at its end
             if state.step_in_epoch < len(source):  # stopped inside the epoch: train.max_steps or step_budget
@@ -262,7 +263,7 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
             if last or due:
                 save("epoch end")
         # A signal during the last checkpoint write: evaluation is not started under a time limit.
-        signum = stop.agreed(st)
+        signum, _ = stop.agreed(st)
         if signum is not None:
             raise Preempted(signum, f"after training (step {state.step}, checkpoint written)")
     finally:

@@ -60,3 +60,41 @@ def test_windowed_order_is_not_world_size_invariant(tmp_path, digits_root):
     two, _ = _run(tmp_path, digits_root, 2, "win_w2", **extra)
     rel = (torch.tensor(one) - torch.tensor(two)).abs() / torch.tensor(one).abs()
     assert float(rel.max()) > 1e-3
+
+
+class _Clock:
+    """train.py's `time` for one rank: monotonic() advances `tick` seconds per reading (0: a stopped
+    clock), everything else is the real module."""
+
+    def __init__(self, tick: float) -> None:
+        self.t, self.tick = 0.0, tick
+
+    def monotonic(self) -> float:
+        self.t += self.tick
+        return self.t
+
+    def __getattr__(self, name: str):
+        import time
+
+        return getattr(time, name)
+
+
+def _train_rank_on_own_clock(rank: int, world: int, args: list[str]) -> None:
+    import scp_dist.train as T
+
+    T.time = _Clock(3600.0 if rank == 1 else 0.0)
+    _train_rank(rank, world, args)
+
+
+def test_ranks_whose_clocks_disagree_still_checkpoint_together(tmp_path, digits_root):
+    """train.checkpoint_minutes is judged by each rank's clock, and only rank 0 writes (with streamed
+    shards every rank joins the write). Rank 0's clock stands still, rank 1's says an hour passed at
+    every reading: agreed, every step is saved (periodic inside an epoch, epoch end at its end).
+    Counter: deciding per rank, rank 0 would write only the epoch ends."""
+    args = overrides(tmp_path, digits_root, **{
+        "output.run_name": "clocks", "train.mode": "cached", "cache.num_pairs": 1, "cache.dtype": "fp32",
+        "train.epochs": 2, "train.global_batch": 600, "train.checkpoint_minutes": 1,
+        "train.keep_checkpoints": 100, "output.kmeans": "false"})
+    run_gloo(_train_rank_on_own_clock, 2, args)
+    saved = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "runs" / "clocks" / "checkpoints").glob("step-*.pt"))
+    assert saved == list(range(1, 2 * (1797 // 600) + 1))
