@@ -9,7 +9,7 @@ each image's 10 nearest neighbours (cosine, the same search `neighbors.k` uses) 
 number of groups from the largest gap among the smallest eigenvalues of the graph's normalised
 Laplacian (the spectral-clustering eigengap rule; a seeded sample of 20,000 images bounds the
 cost). Prints the spectrum and, where labels exist, the true number of classes next to the
-estimate: a heuristic, right on 1 of 7 labelled sets (docs/RESULTS.md, "The number of clusters").
+estimate: a heuristic, right on 1 of 9 labelled sets (docs/RESULTS.md, "The number of clusters").
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'  <- estimate' if i == k else ''}")
     print(f"estimated K: {k}" + (f" (the labels have {true_k} classes)" if true_k else "")
           + f"; train with head.num_clusters={k}")
-    print("a heuristic: right on 1 of 7 labelled sets, off by one on 2 (docs/RESULTS.md, \"The number of "
+    print("a heuristic: right on 1 of 9 labelled sets, off by one on 2 (docs/RESULTS.md, \"The number of "
           "clusters\"); look for other large gaps above, and prefer too many clusters to too few")
     if args.json:
         with open(args.json, "w") as f:
