@@ -34,7 +34,7 @@ if not __package__:  # `python benchmarks/posthoc.py`
 from scp_dist import distributed as D  # noqa: E402
 from scp_dist.checkpoint import newest_readable  # noqa: E402
 from scp_dist.config import load_config  # noqa: E402
-from scp_dist.evaluate import align_clusters, consensus, head_agreement, vote_alignment  # noqa: E402
+from scp_dist.evaluate import align_clusters, consensus, head_agreement, vote_alignment, vote_weights  # noqa: E402
 from scp_dist.feature_cache import cache_dir, load_kind  # noqa: E402
 from scp_dist.metrics import clustering_scores  # noqa: E402
 from scp_dist.neighbors import load_or_build  # noqa: E402
@@ -124,7 +124,7 @@ def gated(run: Path, st: D.DistState, margins: tuple[float, ...] = (0.02, 0.05, 
     row = {"run": run.name, "heads": [_acc(y, p.argmax(-1)) for p in probs], "losses": losses.round(4).tolist(),
            "vote": _acc(y, vote(probs, k)), "lowest_loss": _acc(y, lowest)}
     for m in margins:
-        keep = np.flatnonzero(losses <= losses.min() + m)
+        keep = np.flatnonzero(vote_weights(torch.as_tensor(losses), m))
         row[f"vote_within_{m:g}"] = _acc(y, vote(probs[keep], k) if len(keep) > 1 else lowest)
     return row
 

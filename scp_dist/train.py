@@ -259,7 +259,7 @@ def fit(cfg: DictConfig, st: D.DistState, source: FeatureSource, head: SCPHead, 
             last = state.epoch >= cfg.train.epochs or state.step >= stop_at
             due = time.monotonic() - last_save >= cfg.train.checkpoint_min_seconds
             if st.distributed:  # each rank's clock differs, and save() is collective (streamed shards)
-                due = bool(D.max_detached(torch.tensor([float(due)], device=st.collective_device)).item())
+                due = bool(_world_max(st)(float(due)))
             if last or due:
                 save("epoch end")
         # A signal during the last checkpoint write: evaluation is not started under a time limit.
