@@ -7,6 +7,18 @@ cd "$(dirname "$0")/.."
 EXTRAS="${EXTRAS:-cpu,dev,weights,report,remote}"
 PY="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
+# torch here is a CUDA build (~6 GB installed): a disk that fills halfway through pip leaves a broken
+# venv and an OSError far from its cause, so a first install checks the room before it starts.
+if ! compgen -G "$VENV/lib/python*/site-packages/torch" >/dev/null; then
+  need_gb="${SCP_SETUP_MIN_FREE_GB:-8}"
+  parent="$VENV"
+  while [ ! -d "$parent" ]; do parent="$(dirname "$parent")"; done
+  free_kb="$(df -Pk "$parent" | awk 'NR == 2 {print $4}')"
+  if [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
+    echo "[setup] $((free_kb / 1024 / 1024)) GB free under $parent, and installing torch and the rest needs about ${need_gb} GB: free some space or set VENV=<a folder on a larger disk> (SCP_SETUP_MIN_FREE_GB=0 skips this check)" >&2
+    exit 1
+  fi
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV with $($PY --version)"
   "$PY" -m venv "$VENV"

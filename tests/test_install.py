@@ -75,3 +75,20 @@ def test_the_wheel_ships_the_configs_and_resolves_them_by_name(tmp_path):
     assert Path(got["package"]).is_relative_to(venv.resolve()), got
     assert Path(got["configs"]).is_relative_to(venv.resolve()), got
     assert (got["backbone"], got["max_steps"], got["clusters"]) == ("pixels", 1, 10)
+
+
+def test_a_first_install_without_room_stops_before_it_starts(tmp_path):
+    """launch/setup.sh checks the disk before a first install (torch alone is ~6 GB here): a disk
+    that filled halfway through pip left CI with a broken venv and an OSError. Asked for more room
+    than any disk has, it stops with a line naming the room and the way out, and creates nothing;
+    with the check off (the counter-test) the same call goes on to create the venv, so it is the
+    check that stopped it."""
+    venv = tmp_path / "sub" / ".venv"
+    env = {**os.environ, "VENV": str(venv), "SCP_SETUP_MIN_FREE_GB": "100000000"}
+    proc = subprocess.run(["bash", str(REPO / "launch" / "setup.sh")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1 and "GB free under" in proc.stderr and "VENV=" in proc.stderr, proc.stderr
+    assert not venv.exists()
+    # A missing interpreter makes the go-ahead fail fast, right after the check.
+    env.update(SCP_SETUP_MIN_FREE_GB="0", PYTHON=str(tmp_path / "no-python"))
+    proc = subprocess.run(["bash", str(REPO / "launch" / "setup.sh")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode != 0 and "GB free under" not in proc.stderr and "creating" in proc.stdout, (proc.stdout, proc.stderr)
