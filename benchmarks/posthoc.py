@@ -11,6 +11,7 @@ the heads than the product's vote (docs/RESULTS.md, "Five heads by default"); --
     python benchmarks/posthoc.py --independent 5 RUN...    # the vote of head 0 of 5 consecutive runs
     python benchmarks/posthoc.py --errors RUN...           # where the reported clustering errs, and why
     python benchmarks/posthoc.py --gate RUN...             # the vote of the heads near the lowest loss
+    python benchmarks/posthoc.py --consistency RUN...      # each head's view consistency, and votes it gates
 
 - kNN smoothing: P <- a·P0 + (1 - a)·mean of P over each image's k nearest neighbours in the frozen
   feature space (10 iterations of label propagation, k in 5, 10, a in 0.5, 0.2), and a one-shot vote
@@ -35,7 +36,7 @@ from scp_dist import distributed as D  # noqa: E402
 from scp_dist.checkpoint import newest_readable  # noqa: E402
 from scp_dist.config import load_config  # noqa: E402
 from scp_dist.evaluate import align_clusters, consensus, head_agreement, vote_alignment, vote_weights  # noqa: E402
-from scp_dist.feature_cache import cache_dir, load_kind  # noqa: E402
+from scp_dist.feature_cache import cache_dir, load_kind, pair_kind, pairs_dir, pairs_to_extract  # noqa: E402
 from scp_dist.metrics import clustering_scores  # noqa: E402
 from scp_dist.neighbors import load_or_build  # noqa: E402
 from scp_dist.train import build_head  # noqa: E402
@@ -129,6 +130,42 @@ def gated(run: Path, st: D.DistState, margins: tuple[float, ...] = (0.02, 0.05, 
     return row
 
 
+def view_consistency(run: Path, st: D.DistState, margins: tuple[float, ...] = (0.1, 0.3, 1.0)) -> dict:
+    """Each head's view consistency (the share of the run's cached view pairs whose two views it puts
+    in one cluster, in %) and the vote of the heads within a margin of the most consistent, alone and
+    together with the product's loss gate. On the digits the most consistent head was the best head
+    on every seed; elsewhere it was not (docs/RESULTS.md, "View consistency as the choice")."""
+    cfg, _, y, probs = _load(run, st)
+    found = newest_readable(run)
+    head = build_head(cfg, found[0]["head"]["weights.0"].shape[1], st)
+    head.load_state_dict(found[0]["head"])
+    head.eval()
+    root, split = pairs_dir(cfg, cache_dir(cfg)), cfg.data.train_split
+    same, total = [], 0
+    for m in range(pairs_to_extract(cfg, len(y))):
+        views = load_kind(root, split, pair_kind(m), with_keys=False)
+        for part in views.parts:
+            with torch.no_grad():
+                a, b = (head(torch.from_numpy(np.asarray(part[:, v], dtype=np.float32))).argmax(-1) for v in (0, 1))
+            same.append((a == b).double().sum(-1))
+            total += len(part)
+    cons = (100 * torch.stack(same).sum(0) / total).numpy()
+    k, losses = cfg.head.num_clusters, np.asarray(json.loads((run / "eval.json").read_text())["head_losses"])
+    by_loss = np.asarray(vote_weights(torch.as_tensor(losses), cfg.head.vote_margin)) > 0
+
+    def vote_of(keep: np.ndarray) -> float:
+        idx = np.flatnonzero(keep)
+        return _acc(y, vote(probs[idx], k) if len(idx) > 1 else probs[idx[0]].argmax(-1))
+
+    row = {"run": str(run), "heads": [_acc(y, p.argmax(-1)) for p in probs], "consistency": cons.round(3).tolist(),
+           "losses": losses.round(4).tolist(), "product": vote_of(by_loss), "most_consistent": _acc(y, probs[int(np.argmax(cons))].argmax(-1))}
+    for m in margins:
+        near = cons >= cons.max() - m
+        row[f"consistency_within_{m:g}"] = vote_of(near)
+        row[f"and_loss_gate_{m:g}"] = vote_of(near & by_loss) if (near & by_loss).any() else vote_of(near)
+    return row
+
+
 def independent(runs: list[Path], window: int, st: D.DistState) -> list[dict]:
     """The vote of head 0 of `window` consecutive runs, for each window: heads that differ in their
     batch order and neighbour draws too, not only in their init. Head 0 of a run of seed s is the head
@@ -206,6 +243,7 @@ def main() -> None:
     p.add_argument("--choices", action="store_true", help="every head's modularity on the neighbour graph instead")
     p.add_argument("--gate", action="store_true", help="the vote of the heads within a loss margin of the lowest")
     p.add_argument("--errors", action="store_true", help="where the reported clustering errs, and why, instead")
+    p.add_argument("--consistency", action="store_true", help="each head's view consistency and the votes it gates")
     p.add_argument("--independent", type=int, default=0, metavar="W",
                    help="the vote of head 0 of every W consecutive runs (seeds in order) instead")
     args = p.parse_args()
@@ -215,6 +253,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     for run in args.runs if not args.independent else []:
         mode = (ensembles if args.ensembles else choices if args.choices else errors if args.errors
+                else view_consistency if args.consistency
                 else gated if args.gate else refine)
         rows.append(mode(run, st))
         print(json.dumps(rows[-1]), flush=True)
