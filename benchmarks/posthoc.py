@@ -49,6 +49,12 @@ def _acc(labels: np.ndarray, clusters: np.ndarray) -> float:
 def _load(run: Path, st: D.DistState):
     """A finished cached run's config, its plain training features, labels and every head's
     probabilities on them, (H, n, K)."""
+    cfg, _, x, labels, probs = _load_with_head(run, st)
+    return cfg, x, labels, probs
+
+
+def _load_with_head(run: Path, st: D.DistState):
+    """_load's values and the trained heads (eval mode) that gave the probabilities."""
     cfg = load_config(run / "config.yaml")
     found = newest_readable(run)
     if found is None or cfg.train.mode != "cached":
@@ -61,7 +67,7 @@ def _load(run: Path, st: D.DistState):
     x = torch.from_numpy(np.asarray(plain.feats[0], dtype=np.float32))
     with torch.no_grad():
         probs = head(x).softmax(-1).double().numpy()
-    return cfg, x, plain.labels, probs
+    return cfg, head, x, plain.labels, probs
 
 
 def vote(probs: np.ndarray, k: int) -> np.ndarray:
@@ -69,6 +75,11 @@ def vote(probs: np.ndarray, k: int) -> np.ndarray:
     clusters, conf = probs.argmax(-1), probs.max(-1)
     maps = vote_alignment(clusters, head_agreement(clusters), np.ones(len(clusters)), k)
     return consensus(clusters, conf, maps, k)[0]
+
+
+def _vote_of(y: np.ndarray, probs: np.ndarray, keep: np.ndarray, k: int) -> float:
+    """ACC of the vote of the heads `keep` (indices) selects; one head kept is that head alone."""
+    return _acc(y, vote(probs[keep], k) if len(keep) > 1 else probs[keep[0]].argmax(-1))
 
 
 def ensembles(run: Path, st: D.DistState) -> dict:
@@ -125,8 +136,7 @@ def gated(run: Path, st: D.DistState, margins: tuple[float, ...] = (0.02, 0.05, 
     row = {"run": run.name, "heads": [_acc(y, p.argmax(-1)) for p in probs], "losses": losses.round(4).tolist(),
            "vote": _acc(y, vote(probs, k)), "lowest_loss": _acc(y, lowest)}
     for m in margins:
-        keep = np.flatnonzero(vote_weights(torch.as_tensor(losses), m))
-        row[f"vote_within_{m:g}"] = _acc(y, vote(probs[keep], k) if len(keep) > 1 else lowest)
+        row[f"vote_within_{m:g}"] = _vote_of(y, probs, np.flatnonzero(vote_weights(torch.as_tensor(losses), m)), k)
     return row
 
 
@@ -135,11 +145,7 @@ def view_consistency(run: Path, st: D.DistState, margins: tuple[float, ...] = (0
     in one cluster, in %) and the vote of the heads within a margin of the most consistent, alone and
     together with the product's loss gate. On the digits the most consistent head was the best head
     on every seed; elsewhere it was not (docs/RESULTS.md, "View consistency as the choice")."""
-    cfg, _, y, probs = _load(run, st)
-    found = newest_readable(run)
-    head = build_head(cfg, found[0]["head"]["weights.0"].shape[1], st)
-    head.load_state_dict(found[0]["head"])
-    head.eval()
+    cfg, head, _, y, probs = _load_with_head(run, st)
     root, split = pairs_dir(cfg, cache_dir(cfg)), cfg.data.train_split
     same, total = [], 0
     for m in range(pairs_to_extract(cfg, len(y))):
@@ -154,8 +160,7 @@ def view_consistency(run: Path, st: D.DistState, margins: tuple[float, ...] = (0
     by_loss = np.asarray(vote_weights(torch.as_tensor(losses), cfg.head.vote_margin)) > 0
 
     def vote_of(keep: np.ndarray) -> float:
-        idx = np.flatnonzero(keep)
-        return _acc(y, vote(probs[idx], k) if len(idx) > 1 else probs[idx[0]].argmax(-1))
+        return _vote_of(y, probs, np.flatnonzero(keep), k)
 
     row = {"run": str(run), "heads": [_acc(y, p.argmax(-1)) for p in probs], "consistency": cons.round(3).tolist(),
            "losses": losses.round(4).tolist(), "product": vote_of(by_loss), "most_consistent": _acc(y, probs[int(np.argmax(cons))].argmax(-1))}
